@@ -1,0 +1,141 @@
+"""Settings for ZClip and AdaGC: the one place defaults and allowed values live.
+
+Every front end builds these dataclasses: ``ZClip(alpha=...)`` in Python, the ``"zclip"`` entry of a
+DeepSpeed JSON config (:meth:`ZClipConfig.from_dict`) and Megatron's ``--zclip-*`` flags. Validation
+happens here, at construction, so a bad value fails before the first training step with a message that
+names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+__all__ = ["ZClipConfig", "ConfigError", "NONFINITE_POLICIES"]
+
+MODES = ("zscore", "percentile")
+CLIP_OPTIONS = ("adaptive_scaling", "mean")
+NONFINITE_POLICIES = ("skip", "raise", "propagate")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid. The message names the key, the bad value and what is allowed."""
+
+
+def _fail(source: str, key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{source}.{key} = {value!r} is invalid: allowed {allowed}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_real(source: str, key: str, value: Any, *, low: float, high: float = math.inf,
+               low_open: bool = False, high_open: bool = False) -> None:
+    """Fail unless ``value`` is a finite real number in the given interval."""
+    lo_s, hi_s = ("(" if low_open else "["), (")" if high_open else "]")
+    allowed = f"a number in {lo_s}{low:g}, {high:g}{hi_s}"
+    if not _is_real(value) or math.isnan(value):
+        _fail(source, key, value, allowed)
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        _fail(source, key, value, allowed)
+
+
+def check_int(source: str, key: str, value: Any, *, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        _fail(source, key, value, f"an integer >= {low}")
+
+
+def check_choice(source: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(source, key, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_bool(source: str, key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(source, key, value, "true or false")
+
+
+class _FromDict:
+    """``from_dict`` / ``to_dict`` shared by the config dataclasses."""
+
+    _source = "config"
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any] | None, *, source: str | None = None, **defaults: Any):
+        """Build from a JSON-style mapping, rejecting unknown keys by name.
+
+        ``defaults`` fill keys the mapping does not set (used for engine-provided caps such as DeepSpeed's
+        ``gradient_clipping``); keys in ``entry`` always win.
+        """
+        source = source or cls._source
+        entry = dict(entry or {})
+        entry.pop("enabled", None)  # DeepSpeed convention: a section may carry "enabled"
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {', '.join(map(repr, unknown))}: allowed keys are "
+                + ", ".join(sorted(known)))
+        merged = {k: v for k, v in defaults.items() if k in known}
+        merged.update(entry)
+        return cls(**merged, _source=source) if "_source" in known else cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZClipConfig(_FromDict):
+    """ZClip settings. Defaults equal the reference ``zclip`` 1.0.0 package.
+
+    Attributes:
+        alpha: EMA decay of the mean and variance of the gradient norm, in (0, 1).
+        z_thresh: z-score above which a step is a spike; the k of ``mean + k*std`` in percentile mode.
+        max_grad_norm: absolute cap on the norm, applied in warmup and after it; ``None`` disables it.
+            When ``None`` is not given explicitly and an engine has a fixed clip (DeepSpeed
+            ``gradient_clipping``, Megatron ``--clip-grad``), the engine's value is the cap.
+        eps: added to the standard deviation in the z-score.
+        warmup_steps: number of (finite) norms collected before the statistics exist.
+        mode: ``"zscore"`` or ``"percentile"`` (the latter clips to ``mean + z_thresh*std``).
+        clip_option: ``"adaptive_scaling"`` (reciprocal rule) or ``"mean"``; zscore mode only.
+        clip_factor: multiplies the adaptive threshold (all of it, as the reference does).
+        skip_update_on_spike: leave the statistics untouched on a spike step.
+        nonfinite: what a NaN/Inf global norm does. The statistics never see it under any policy.
+            ``"skip"``: the step is skipped on every rank (engines: their own overflow/skip path; the
+            PyTorch drop-in zeroes the gradients, non-finite entries included).
+            ``"raise"``: raise ``FloatingPointError`` on every rank (the drop-in then reads the
+            norm on the host every step). ``"propagate"``: leave the gradients to the engine's own checks.
+    """
+
+    alpha: float = 0.97
+    z_thresh: float = 2.5
+    max_grad_norm: float | None = 1.0
+    eps: float = 1e-6
+    warmup_steps: int = 25
+    mode: str = "zscore"
+    clip_option: str = "adaptive_scaling"
+    clip_factor: float = 1.0
+    skip_update_on_spike: bool = False
+    nonfinite: str = "skip"
+    _source: str = dataclasses.field(default="zclip", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        src = self._source
+        check_real(src, "alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_real(src, "z_thresh", self.z_thresh, low=0.0, low_open=True)
+        if self.max_grad_norm is not None:
+            check_real(src, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        check_real(src, "eps", self.eps, low=0.0)
+        check_int(src, "warmup_steps", self.warmup_steps, low=1)
+        # The reference lower-cases mode but not clip_option; we accept exactly the documented spellings.
+        check_choice(src, "mode", self.mode, MODES)
+        check_choice(src, "clip_option", self.clip_option, CLIP_OPTIONS)
+        check_real(src, "clip_factor", self.clip_factor, low=0.0, low_open=True)
+        check_bool(src, "skip_update_on_spike", self.skip_update_on_spike)
+        check_choice(src, "nonfinite", self.nonfinite, NONFINITE_POLICIES)

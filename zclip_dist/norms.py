@@ -1,0 +1,84 @@
+"""Gradient norms: local sums of squares (pure math) and their exact reduction by a Topology.
+
+Local math follows ``torch.nn.utils.clip_grad_norm_``: tensors grouped by device and dtype, one
+``torch._foreach_norm`` per group, accumulated in fp32 whatever the gradient dtype (a bf16 model gets an
+fp32 norm; the reference package accumulated in the model dtype). The per-tensor values are kept as a
+vector, which AdaGC needs and which lets replicas weight their contribution without a second pass.
+Nothing here reads a value on the host.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .topology import Topology
+
+__all__ = ["local_tensor", "NormPlan", "NormCalculator", "ACC_DTYPE"]
+
+ACC_DTYPE = torch.float32
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank holds (DTensor -> its local shard)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+class NormPlan(NamedTuple):
+    """How one list of gradients is laid out for the norm; built once per parameter set and reused."""
+
+    groups: tuple[tuple[int, ...], ...]  # indices into the gradient list, one tuple per (device, dtype)
+    order: tuple[int, ...]  # plan position -> gradient-list index (concatenation of ``groups``)
+    weights: Tensor  # fp32 0/1 per plan position on the output device: does this rank's copy count
+    device: torch.device
+
+
+class NormCalculator:
+    """Global L2 norm of a list of gradients under a :class:`Topology`.
+
+    ``__call__(params, grads)`` returns ``(norm, sq)``: the global norm (0-d fp32, identical on every rank
+    of the topology's group) and this rank's per-tensor squared norms in plan order (``self.plan``).
+    The plan (grouping, count weights) is cached and rebuilt only when the set of gradients changes.
+    """
+
+    def __init__(self, topology: Topology, device: torch.device | None = None) -> None:
+        self.topology = topology
+        self.device = device
+        self._key: tuple | None = None
+        self.plan: NormPlan | None = None
+
+    def _build(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> NormPlan:
+        device = self.device or (grads[0].device if grads else torch.device("cpu"))
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, g in enumerate(grads):
+            by_kind.setdefault((g.device, g.dtype), []).append(i)
+        groups = tuple(tuple(ix) for ix in by_kind.values())
+        order = tuple(i for ix in groups for i in ix)
+        weights = torch.tensor([1.0 if self.topology.counts(params[i]) else 0.0 for i in order],
+                               dtype=ACC_DTYPE, device=device)
+        return NormPlan(groups=groups, order=order, weights=weights, device=device)
+
+    def local_squares(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+        """Per-tensor squared norms of this rank's local gradients, fp32, in plan order."""
+        key = tuple((id(p), g.device, g.dtype) for p, g in zip(params, grads))
+        if key != self._key:
+            self.plan, self._key = self._build(params, grads), key
+        plan = self.plan
+        parts = []
+        for ix in plan.groups:
+            norms = torch._foreach_norm([grads[i] for i in ix], 2, dtype=ACC_DTYPE)
+            parts.append(torch.stack(norms).to(plan.device, non_blocking=True))
+        if not parts:
+            return torch.zeros(0, dtype=ACC_DTYPE, device=plan.device)
+        sq = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return sq.square_()
+
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        sq = self.local_squares(params, grads)
+        # 0 * NaN = NaN: a non-finite gradient on a non-counting replica still poisons the sum on purpose.
+        total = torch.dot(sq, self.plan.weights) if sq.numel() else torch.zeros((), dtype=ACC_DTYPE, device=self.plan.device)
+        self.topology.all_reduce_sum(total)
+        return total.sqrt(), sq
