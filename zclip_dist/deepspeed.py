@@ -14,7 +14,7 @@ Without a ``"zclip"`` entry nothing changes. Keys are those of :class:`~zclip_di
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import deepspeed
 
@@ -37,6 +37,9 @@ def initialize(*args: Any, **kwargs: Any) -> tuple:
     does. The attachment is ``engine._zclip``. An invalid ``"zclip"`` value raises
     :class:`~zclip_dist.config.ConfigError` naming the key, before any step.
     """
+    for key in ("config", "config_params"):  # fail before building an engine when we can read the config
+        if isinstance(kwargs.get(key), Mapping):
+            resolve_config(kwargs[key])
     result = _deepspeed_initialize(*args, **kwargs)
     attach(result[0])
     return result

@@ -1,0 +1,282 @@
+"""DeepSpeed test harness: tiny models, deterministic data, engines run inside spawned gloo ranks, and the
+single-process oracle (full model, reference ``zclip`` statistics fed the true full-model norm).
+
+Every model is the same function, ``mlp``: ``y = l2(tanh(l1(x)))`` (4 -> 8 -> 4), or for the pipeline
+``tied(l2(tanh(l1(tied(x)))))`` with one 4x4 weight used twice; the TP model is ``mlp`` split
+column/row-parallel. Ranks return full fp32 master weights by global name after every step; the oracle
+recomputes each step's full gradient at the engine's own weights and clips it with the reference package.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BATCH = 4
+SPIKE = 30.0
+
+
+@dataclass
+class Case:
+    """One engine configuration of the matrix."""
+
+    name: str
+    ds: dict[str, Any]  # DeepSpeed config entries besides batch sizes
+    kind: str = "mlp"  # "mlp" | "pipe" | "tp"
+    dp: int = 2
+    gas: int = 1
+    steps: int = 6
+    spike_step: int | None = 4  # 0-based optimizer step whose batch on the last DP rank is scaled by SPIKE
+    zclip: dict[str, Any] | None = field(default_factory=lambda: {"alpha": 0.9, "z_thresh": 2.5, "warmup_steps": 3})
+    gradient_clipping: float = 50.0
+    bf16: bool = False
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def batch(case: Case, step: int, dp_rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + 10 * dp_rank + micro)
+    x = torch.randn(BATCH, 4, generator=g)
+    y = torch.randn(BATCH, 4, generator=g)
+    if step == case.spike_step and dp_rank == case.dp - 1:
+        x, y = x * SPIKE, y * SPIKE
+    return x, y
+
+
+# ---- models ---------------------------------------------------------------------------------------
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def mlp_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return F.linear(torch.tanh(F.linear(x, p["0.weight"], p["0.bias"])), p["2.weight"], p["2.bias"])
+
+
+def pipe_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    t = p["tied_modules.t.weight"]
+    h = torch.tanh(F.linear(F.linear(x, t), p["1.weight"], p["1.bias"]))
+    return F.linear(F.linear(h, p["3.weight"], p["3.bias"]), t)
+
+
+def pipe_module(case: Case):
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    torch.manual_seed(0)
+    layers = [TiedLayerSpec("t", nn.Linear, 4, 4, bias=False), LayerSpec(nn.Linear, 4, 8), LayerSpec(nn.Tanh),
+              LayerSpec(nn.Linear, 8, 4), TiedLayerSpec("t", nn.Linear, 4, 4, bias=False)]
+    return PipelineModule(layers=layers, topology=PipeDataParallelTopology(num_pp=2, num_dp=case.dp),
+                          loss_fn=F.mse_loss, partition_method="uniform")
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Megatron's row-parallel output: SUM over the TP group forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class TPMLP(nn.Module):
+    """``mlp`` with l1 column-parallel and l2 row-parallel over the TP group; l2.bias replicated."""
+
+    def __init__(self, tp_rank: int, tp_size: int, group) -> None:
+        super().__init__()
+        full = dict(mlp().named_parameters())
+        rows = slice(tp_rank * 8 // tp_size, (tp_rank + 1) * 8 // tp_size)
+        self.w1 = nn.Parameter(full["0.weight"].detach()[rows].clone())
+        self.b1 = nn.Parameter(full["0.bias"].detach()[rows].clone())
+        self.w2 = nn.Parameter(full["2.weight"].detach()[:, rows].clone())
+        self.b2 = nn.Parameter(full["2.bias"].detach().clone())
+        for p in (self.w1, self.b1, self.w2):
+            p.tensor_model_parallel = True
+        self.group = group
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.w1, self.b1))
+        return _ReduceFromTP.apply(F.linear(h, self.w2), self.group) + self.b2
+
+
+# ---- running one case inside a rank -----------------------------------------------------------------
+def ds_config(case: Case) -> dict[str, Any]:
+    cfg = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": case.gas,
+           "train_batch_size": BATCH * case.gas * case.dp, "steps_per_print": 10**6,
+           "gradient_clipping": case.gradient_clipping, "zero_allow_untested_optimizer": True,
+           "zero_force_ds_cpu_optimizer": False, **case.ds}
+    if case.bf16:
+        cfg["bf16"] = {"enabled": True}
+    if case.zclip is not None:
+        cfg["zclip"] = case.zclip
+    return cfg
+
+
+def master_weights(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights the optimizer updates, by name (collective under ZeRO: every rank calls it)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    opt = engine.optimizer
+    named = list(engine.module.named_parameters())
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        fp32 = {id(lo): hi for los, his in zip(opt.fp16_groups, opt.fp32_groups) for lo, hi in zip(los, his)}
+        return {n: fp32[id(p)].detach().float().clone() for n, p in named}
+    out = {}
+    for n, p in named:
+        full = safe_get_full_fp32_param(p)
+        out[n] = (full if full is not None else p).detach().float().clone()
+    return out
+
+
+def run_case(case: Case, rank: int) -> dict[str, Any]:
+    """Build the engine through ``zclip_dist.deepspeed.initialize``, train, return snapshots and state."""
+    import deepspeed
+    import deepspeed.utils.groups
+
+    from zclip_dist import deepspeed as zds
+
+    deepspeed.utils.groups.mpu = None  # notes §9.2: a previous engine's mpu leaks into the next
+    mpu = None
+    if case.kind == "tp":
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=2)
+        mpu = zds.MegatronMPU(ps)
+        model = TPMLP(ps.get_tensor_model_parallel_rank(), 2, ps.get_tensor_model_parallel_group())
+        dp_rank = ps.get_data_parallel_rank()
+    elif case.kind == "pipe":
+        model = pipe_module(case)
+    else:
+        model = mlp()
+    engine, *_ = zds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), mpu=mpu,
+                                config=ds_config(case))
+    if case.kind == "pipe":
+        dp_rank = engine.grid.get_data_parallel_rank()
+    elif case.kind == "mlp":
+        dp_rank = engine.global_rank if case.dp > 1 else 0
+    dtype = torch.bfloat16 if case.bf16 else torch.float32
+    snaps, decisions = [master_weights(engine)], []
+    for step in range(case.steps):
+        micro = [tuple(t.to(dtype) for t in batch(case, step, dp_rank, m)) for m in range(case.gas)]
+        if case.kind == "pipe":
+            engine.train_batch(data_iter=iter(micro))
+        else:
+            for x, y in micro:
+                engine.backward(F.mse_loss(engine(x), y))
+                engine.step()
+        snaps.append(master_weights(engine))
+        zc = getattr(engine, "_zclip", None)
+        decisions.append(zc.metrics() if zc is not None else None)
+    zc = getattr(engine, "_zclip", None)
+    out = {"snaps": snaps, "decisions": decisions, "rank": rank, "optimizer": type(engine.optimizer).__name__,
+           "state": zc.state_dict()["state"] if zc is not None else None}
+    if case.kind == "tp":
+        out["tp_rank"] = mpu.get_model_parallel_rank()
+    deepspeed.utils.groups.mpu = None
+    return out
+
+
+# ---- assembling and the oracle ------------------------------------------------------------------------
+def full_params(case: Case, per_rank: list[dict[str, torch.Tensor]], tp_ranks: list[int] | None = None) -> dict:
+    """One full set of weights from every rank's named local weights (pipeline stages, TP shards)."""
+    if case.kind == "tp":
+        shard = {r: per_rank[tp_ranks.index(r)] for r in (0, 1)}
+        return {"0.weight": torch.cat([shard[0]["w1"], shard[1]["w1"]]),
+                "0.bias": torch.cat([shard[0]["b1"], shard[1]["b1"]]),
+                "2.weight": torch.cat([shard[0]["w2"], shard[1]["w2"]], dim=1),
+                "2.bias": shard[0]["b2"]}
+    merged: dict[str, torch.Tensor] = {}
+    for d in per_rank:
+        for k, v in d.items():
+            merged.setdefault(k.removeprefix("module."), v)
+    return merged
+
+
+def trajectory(case: Case, results: list[dict]) -> list[dict[str, torch.Tensor]]:
+    tp_ranks = [r.get("tp_rank") for r in results]
+    return [full_params(case, [r["snaps"][t] for r in results], tp_ranks) for t in range(case.steps + 1)]
+
+
+def true_loss(case: Case, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    """The loss whose gradient DeepSpeed applies: mean over DP ranks and micro-batches of the batch MSE."""
+    forward = pipe_forward if case.kind == "pipe" else mlp_forward
+    losses = [F.mse_loss(forward(params, x), y) for d in range(case.dp) for m in range(case.gas)
+              for x, y in [batch(case, step, d, m)]]
+    return torch.stack(losses).mean()
+
+
+def oracle_updates(case: Case, traj: list[dict[str, torch.Tensor]], zclip_kwargs: dict[str, Any]):
+    """Per step: (expected update, true norm), from the engine's weights at that step and reference ZClip."""
+    from zclip import ZClip
+
+    ref = ZClip(**zclip_kwargs)
+    out = []
+    for step in range(case.steps):
+        params = {k: nn.Parameter(v.clone()) for k, v in traj[step].items()}
+        module = nn.Module()
+        for i, (k, p) in enumerate(params.items()):
+            module.register_parameter(f"p{i}", p)
+        true_loss(case, params, step).backward()
+        norm = ref.step(module)  # the reference computes the full-model norm and clips in place
+        out.append(({k: -p.grad.detach() for k, p in params.items()}, float(norm)))
+    return out
+
+
+def reference_kwargs(case: Case) -> dict[str, Any]:
+    kw = dict(case.zclip)
+    kw.setdefault("max_grad_norm", case.gradient_clipping if case.gradient_clipping > 0 else 1.0)
+    return kw
+
+
+def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = math.sqrt(sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b))
+    den = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
+    return num / max(den, 1e-30)
+
+
+def update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((after[k] - before[k]).double().pow(2).sum()) for k in before))
+
+
+# ---- rank set-up ----------------------------------------------------------------------------------------
+def init_rank() -> None:
+    """gloo through DeepSpeed, without compiling the shm inference op (notes §9.1)."""
+    import sys
+
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401 - make sure the module object exists in sys.modules
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def finish_rank() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def call_in_rank(rank: int, world_size: int, fn, *args):
+    """Target for ``run_ranks(call_in_rank, n, fn, ..., init=False)``: DeepSpeed init, ``fn``, orderly shutdown.
+
+    ``fn`` must be a module-level function (it is pickled by reference into the spawned rank).
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_rank()
+    try:
+        return fn(rank, world_size, *args)
+    finally:
+        finish_rank()
