@@ -36,6 +36,10 @@ class Case:
     zclip: dict[str, Any] | None = field(default_factory=lambda: {"alpha": 0.9, "z_thresh": 2.5, "warmup_steps": 3})
     gradient_clipping: float = 50.0
     bf16: bool = False
+    nan_step: int | None = None  # step whose batch on the last DP rank gets a NaN
+    ckpt_dir: str | None = None  # with save_at: save there after that many steps, or (resume) load and go on
+    save_at: int | None = None
+    resume: bool = False
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -45,6 +49,8 @@ def batch(case: Case, step: int, dp_rank: int, micro: int) -> tuple[torch.Tensor
     y = torch.randn(BATCH, 4, generator=g)
     if step == case.spike_step and dp_rank == case.dp - 1:
         x, y = x * SPIKE, y * SPIKE
+    if step == case.nan_step and dp_rank == case.dp - 1:
+        x[0, 0] = float("nan")
     return x, y
 
 
@@ -167,8 +173,12 @@ def run_case(case: Case, rank: int) -> dict[str, Any]:
     elif case.kind == "mlp":
         dp_rank = engine.global_rank if case.dp > 1 else 0
     dtype = torch.bfloat16 if case.bf16 else torch.float32
+    start = 0
+    if case.resume:
+        engine.load_checkpoint(case.ckpt_dir)
+        start = case.save_at
     snaps, decisions = [master_weights(engine)], []
-    for step in range(case.steps):
+    for step in range(start, case.steps):
         micro = [tuple(t.to(dtype) for t in batch(case, step, dp_rank, m)) for m in range(case.gas)]
         if case.kind == "pipe":
             engine.train_batch(data_iter=iter(micro))
@@ -179,8 +189,11 @@ def run_case(case: Case, rank: int) -> dict[str, Any]:
         snaps.append(master_weights(engine))
         zc = getattr(engine, "_zclip", None)
         decisions.append(zc.metrics() if zc is not None else None)
+        if case.save_at == step + 1 and not case.resume:
+            engine.save_checkpoint(case.ckpt_dir)
     zc = getattr(engine, "_zclip", None)
     out = {"snaps": snaps, "decisions": decisions, "rank": rank, "optimizer": type(engine.optimizer).__name__,
+           "skipped_steps": engine.skipped_steps,
            "state": zc.state_dict()["state"] if zc is not None else None}
     if case.kind == "tp":
         out["tp_rank"] = mpu.get_model_parallel_rank()
