@@ -1,0 +1,148 @@
+"""Tiny real megatron-core models and optimizers for the multi-rank Megatron tests, plus the analytic oracle.
+
+Everything here runs inside a spawned gloo rank after ``megatron_cpu_shim.apply()``.
+
+Analytic oracle (shared/notes/megatron.md §9): for every parameter of the *full* model a gradient
+``G(global_name, step)`` is drawn from a generator seeded by the name and the step; each rank writes its
+own slice of it into ``main_grad`` (TP shards sliced along ``partition_dim``, replicas get the whole
+tensor, the tied output copy gets the word-embedding gradient). Ranks report ``global_name -> full
+shape`` and the parent computes ``sqrt(sum ||G||^2)`` over *unique* names in one process, knowing
+nothing about Megatron's de-duplication rules.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+VOCAB, SEQ, HIDDEN, HEADS = 32, 8, 16, 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    dist_opt: bool = False
+    experts: int = 0
+    tied: bool = False
+    bf16: bool = False
+    bias: bool = False  # biases: replicated row-parallel expert biases expose PR #5916
+
+
+def build(layout: Layout, *, seed: int = 1234, clip_grad: float = 1.0, lr: float = 1e-3):
+    """Initialise the layout's groups and return ``(ddp_model, optimizer)`` from ``get_megatron_optimizer``."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp if layout.etp is not None else layout.tp)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    dtype = torch.bfloat16 if layout.bf16 else torch.float32
+    moe = {}
+    if layout.experts:
+        moe = dict(num_moe_experts=layout.experts, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                   moe_aux_loss_coeff=0.0)
+    cfg = TransformerConfig(
+        num_layers=2 * layout.pp, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=2 * HIDDEN,
+        use_cpu_initialization=True, pipeline_dtype=dtype, params_dtype=dtype, bf16=layout.bf16,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp if layout.etp is not None else layout.tp,
+        hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=layout.bias, gradient_accumulation_fusion=False,
+        **moe)
+    model = GPTModel(cfg, get_gpt_layer_local_spec(num_experts=layout.experts or None), vocab_size=VOCAB,
+                     max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(),
+                     share_embeddings_and_output_weights=layout.tied)
+    ddp = DistributedDataParallel(
+        cfg, DistributedDataParallelConfig(use_distributed_optimizer=layout.dist_opt, grad_reduce_in_fp32=True),
+        model)
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=lr, bf16=layout.bf16, params_dtype=dtype,
+                              use_distributed_optimizer=layout.dist_opt, clip_grad=clip_grad)
+    return ddp, get_megatron_optimizer(opt_cfg, [ddp])
+
+
+def _global_name(name: str, param, layout: Layout) -> str:
+    from megatron.core import parallel_state as ps
+
+    if getattr(param, "shared", False) and name.endswith("output_layer.weight"):
+        return "embedding.word_embeddings.weight"  # the tied copy on the last stage: same full gradient
+    layers_per_stage = 2
+    name = re.sub(r"layers\.(\d+)\.",
+                  lambda m: f"layers.{int(m.group(1)) + ps.get_pipeline_model_parallel_rank() * layers_per_stage}.",
+                  name)
+    if layout.experts:
+        local = layout.experts // layout.ep
+        offset = ps.get_expert_model_parallel_rank() * local
+        name = re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{int(m.group(1)) + offset}.", name)
+    return name
+
+
+def _tp_split(param) -> tuple[int, int, int | None]:
+    """(size, rank, dim) of the tensor-parallel split this parameter is a shard of (dim None: replicated)."""
+    from megatron.core import parallel_state as ps
+
+    expert = getattr(param, "allreduce", True) is False
+    if expert:
+        size, rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+    else:
+        size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if getattr(param, "tensor_model_parallel", False) and size > 1:
+        return size, rank, param.partition_dim
+    return 1, 0, None
+
+
+def full_gradient(global_name: str, shape: tuple[int, ...], step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(zlib.crc32(global_name.encode()) * 7919 + step)
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+class AnalyticGrads:
+    """Writes ``G(global_name, step)`` slices into ``main_grad``; knows each parameter's full shape."""
+
+    def __init__(self, ddp, layout: Layout) -> None:
+        self.entries = []
+        for name, p in ddp.module.named_parameters():
+            size, rank, dim = _tp_split(p)
+            shape = list(p.shape)
+            if dim is not None:
+                shape[dim] *= size
+            self.entries.append((p, _global_name(name, p, layout), tuple(shape), size, rank, dim))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {g: s for _, g, s, *_ in self.entries}
+
+    def write(self, step: int, scale: float = 1.0) -> None:
+        for p, gname, shape, size, rank, dim in self.entries:
+            full = full_gradient(gname, shape, step) * scale
+            local = full if dim is None else full.chunk(size, dim=dim)[rank]
+            p.main_grad.copy_(local.to(p.main_grad.dtype))
+
+
+def oracle_norm(shapes: dict[str, tuple[int, ...]], step: int, scale: float = 1.0) -> float:
+    """Norm of the full model's gradient, every parameter once: the single-process reference."""
+    return math.sqrt(sum(float((full_gradient(n, s, step) * scale).square().sum()) for n, s in shapes.items()))
+
+
+def merged_shapes(per_rank: list[dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for shapes in per_rank:
+        for name, shape in shapes.items():
+            assert out.setdefault(name, shape) == shape, f"{name}: ranks disagree on the full shape"
+    return out

@@ -1,0 +1,258 @@
+"""Megatron-core adapter: ZClip inside the optimizer ``get_megatron_optimizer`` returned.
+
+The only module that touches megatron-core's private names. What it does (shared/notes/megatron.md §5):
+
+* :func:`attach` swaps the optimizer object's class for a subclass whose ``step`` is stock
+  ``ChainedOptimizer.step`` (megatron-core 0.16.1, ``optimizer.py:1308-1338``) with the fixed
+  ``--clip-grad`` replaced by the ZClip decision. The object stays the same, so Megatron-LM's attribute
+  reads (``chained_optimizers``, ``param_groups``, ``get_loss_scale()``...) and type checks still work.
+* The norm is Megatron's own ``get_grad_norm()`` (one pass, one ``.item()``, as stock); it is made
+  identical on every rank with :func:`zclip_dist.clipper.agree` where Megatron's reduction does not
+  already span the world (non-distributed optimizer with DP > 1, or dense and expert groups apart).
+* The coefficient is applied with one ``_foreach_mul_`` on the gradients
+  ``clip_grad_by_total_norm_fp32`` would scale, with the same value ``max_norm / (norm + 1e-6)`` but as
+  a device tensor, so deciding and applying read nothing on the host.
+* A non-finite norm returns ``(False, norm, None)``: Megatron-LM skips the update and counts a skipped
+  iteration; the statistics do not move. Megatron's norm is already a host float, so this branch
+  costs no sync.
+* The expert-TP norm bug of megatron-core < 0.19 (NVIDIA/Megatron-LM PR #5916) is fixed by giving expert
+  sub-optimizers the expert tensor-parallel group for their duplicate test (:func:`fix_expert_tp_norm`).
+* ZClip state rides along in ``state_dict``/``sharded_state_dict`` under the key ``"zclip"`` and is
+  removed again in ``load_state_dict`` before Megatron sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from ..clipper import Clipper, agree
+from ..config import ZClipConfig
+
+__all__ = ["attach", "is_attached", "clipper_of", "sub_optimizers", "fix_expert_tp_norm", "log_metrics",
+           "core_version", "STATE_KEY", "LOG_METRICS"]
+
+logger = logging.getLogger("zclip_dist.megatron")
+
+#: Key of the ZClip entry in the optimizer's (sharded) state dict.
+STATE_KEY = "zclip"
+#: Metrics written to Megatron's TensorBoard / W&B writers, as ``zclip/<name>``.
+LOG_METRICS = ("grad_norm", "threshold", "coef", "clipped", "skipped", "mean", "std", "z", "clipped_norm",
+               "num_clipped", "num_spikes", "num_nonfinite")
+#: First megatron-core release with PR #5916 (expert-TP duplicates judged against the expert TP group).
+_EXPERT_TP_FIXED = (0, 19)
+_REQUIRED = ("prepare_grads", "get_grad_norm", "step_with_ready_grads", "get_parameters", "config")
+
+
+def core_version() -> tuple[int, int, int]:
+    from megatron.core import package_info
+
+    return (int(package_info.MAJOR), int(package_info.MINOR), int(package_info.PATCH))
+
+
+def sub_optimizers(optimizer: Any) -> list[Any]:
+    """The optimizers that own parameters: a ChainedOptimizer's children, or the optimizer itself."""
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _is_expert(sub: Any) -> bool:
+    # 0.16.1 does not copy ``allreduce`` onto main params or DistOpt shards; the param groups say it.
+    groups = getattr(getattr(sub, "optimizer", None), "param_groups", None) or []
+    return any(g.get("is_expert_parallel", False) for g in groups)
+
+
+def fix_expert_tp_norm(optimizer: Any) -> bool:
+    """Judge expert TP duplicates against the expert TP group (PR #5916). Returns whether anything changed.
+
+    ``MegatronOptimizer.get_main_grads_for_grad_norm`` drops a gradient without
+    ``tensor_model_parallel=True`` on every rank but rank 0 of ``self.tp_group``, which 0.16.1 sets to
+    the *dense* TP group for the expert sub-optimizer too: with EP > 1, TP > 1 and expert-TP != TP,
+    replicated expert parameters on dense TP ranks > 0 are left out and the norm is too small.
+    Giving the expert sub-optimizer ``parallel_state.get_expert_tensor_parallel_group()`` makes Megatron's
+    own norm (and zero count) right; the reduction groups stay Megatron's.
+    """
+    if core_version()[:2] >= _EXPERT_TP_FIXED:
+        return False
+    from megatron.core import parallel_state as ps
+
+    changed = False
+    for sub in sub_optimizers(optimizer):
+        if _is_expert(sub) and not getattr(sub, "is_stub_optimizer", False):
+            etp_group = ps.get_expert_tensor_parallel_group(check_initialized=False)
+            if etp_group is not None and getattr(sub, "tp_group", None) is not etp_group:
+                sub.tp_group = etp_group
+                changed = True
+    if changed and ps.get_tensor_model_parallel_world_size() > 1 and \
+            ps.get_expert_tensor_parallel_world_size() != ps.get_tensor_model_parallel_world_size():
+        logger.info("zclip: megatron-core %s undercounts expert gradients with EP>1, TP>1, expert-TP != TP "
+                    "(NVIDIA/Megatron-LM PR #5916); the expert optimizer now uses the expert TP group",
+                    ".".join(map(str, core_version())))
+    return changed
+
+
+def _norm_group(optimizer: Any) -> dist.ProcessGroup | None:
+    """WORLD unless Megatron's own norm reduction already spans every rank (then no agreement is needed).
+
+    Megatron's reduction gives every rank of its group the same bits; only when that group is smaller
+    than the world (non-distributed optimizer: the model-parallel group; several sub-optimizer groups)
+    can replicas compute the norm separately, and then one scalar MAX all-reduce over WORLD makes it
+    identical by construction rather than by luck.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    world = dist.get_world_size()
+    groups = [sub.get_grad_stats_parallel_group() for sub in sub_optimizers(optimizer)]
+    if all(g is not None and dist.get_world_size(g) == world for g in groups):
+        return None
+    return dist.group.WORLD
+
+
+def _grads_to_scale(sub: Any) -> list[torch.Tensor]:
+    """The gradients ``clip_grad_by_total_norm_fp32`` scales for this sub-optimizer (clip_grads.py:138-177)."""
+    decoupled = getattr(sub.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+    grads = []
+    for p in sub.get_parameters():
+        g = getattr(p, "decoupled_grad", None) if decoupled else p.grad
+        if g is not None:
+            grads.append(g.detach())
+    return grads
+
+
+def _device_of(optimizer: Any) -> torch.device:
+    for sub in sub_optimizers(optimizer):
+        if not getattr(sub, "is_stub_optimizer", False):
+            for p in sub.get_parameters():
+                return p.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class _Overrides:
+    """Methods copied into a one-level subclass of the optimizer's class by :func:`attach`.
+
+    Not a base class: CPython refuses ``__class__`` assignment when a mixin sits in front of the
+    optimizer's class, so :func:`attach` builds ``type(name, (cls,), these methods)`` and the methods
+    reach the original implementation through ``self._zclip_base`` instead of ``super()``.
+    """
+
+    zclip: Clipper
+    _zclip_config: ZClipConfig
+    _zclip_group: dist.ProcessGroup | None
+    _zclip_base: type
+
+    @torch.no_grad()
+    def step(self):  # noqa: D401 - Megatron's signature: (update_successful, grad_norm, num_zeros_in_grad)
+        """Stock ChainedOptimizer.step with the fixed clip replaced by ZClip's decision."""
+        if self.prepare_grads():  # found inf/NaN through the loss scaler: Megatron's own skip, stats untouched
+            return False, None, None
+        grad_norm = self.get_grad_norm()  # Megatron's single pass; a host float in 0.16.1
+        if isinstance(grad_norm, torch.Tensor):  # newer main returns a tensor
+            grad_norm = float(grad_norm)
+        finite = math.isfinite(grad_norm)
+        policy = self._zclip_config.nonfinite
+        if not finite and policy == "raise":
+            raise FloatingPointError(
+                f"zclip: non-finite gradient norm ({grad_norm}); every rank "
+                "raises (nonfinite='raise'). Set --zclip-nonfinite skip to skip such steps.")
+        norm = agree(torch.full((), grad_norm, dtype=torch.float64, device=self._zclip_device), self._zclip_group)
+        decision = self.zclip.step(norm)  # statistics: exactly once per optimizer step
+        if not finite and policy == "skip":
+            return False, grad_norm, None  # Megatron-LM skips the LR step and counts a skipped iteration
+        if finite:
+            for sub in sub_optimizers(self):
+                if getattr(sub, "is_stub_optimizer", False):
+                    continue
+                grads = _grads_to_scale(sub)
+                if grads:
+                    torch._foreach_mul_(grads, decision.coef.to(device=grads[0].device, dtype=grads[0].dtype))
+        num_zeros = self.count_zeros() if getattr(self.config, "log_num_zeros_in_grad", False) else None
+        update_successful = self.step_with_ready_grads()
+        if hasattr(self, "allgather_params"):  # LayerWiseDistributedOptimizer (Muon)
+            self.allgather_params()
+        return update_successful, grad_norm, num_zeros
+
+    # ---- checkpoints: one extra entry, removed before Megatron sees the dict ----------------------
+    def state_dict(self, *args, **kwargs):
+        return _with_zclip(self._zclip_base.state_dict(self, *args, **kwargs), self.zclip)
+
+    def sharded_state_dict(self, *args, **kwargs):
+        return _with_zclip(self._zclip_base.sharded_state_dict(self, *args, **kwargs), self.zclip)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        if isinstance(state_dict, dict) and STATE_KEY in state_dict:
+            state_dict = dict(state_dict)
+            self.zclip.load_state_dict(state_dict.pop(STATE_KEY))
+        else:
+            warnings.warn("zclip: the checkpoint has no ZClip state; the statistics start from warmup", stacklevel=2)
+        return self._zclip_base.load_state_dict(self, state_dict, *args, **kwargs)
+
+
+def _with_zclip(state: Any, clipper: Clipper) -> dict:
+    """Add the ZClip entry. A ChainedOptimizer's list becomes ``{index: entry}``, which it loads as well."""
+    if isinstance(state, (list, tuple)):
+        state = dict(enumerate(state))
+    elif not isinstance(state, dict):
+        raise TypeError(f"zclip: cannot add ZClip state to an optimizer state of type {type(state).__name__}")
+    state[STATE_KEY] = clipper.state_dict()
+    return state
+
+
+def is_attached(optimizer: Any) -> bool:
+    return bool(getattr(type(optimizer), "_zclip_attached", False))
+
+
+def clipper_of(optimizer: Any) -> Clipper:
+    if not is_attached(optimizer):
+        raise ValueError("this optimizer has no ZClip attached; call zclip_dist.megatron.wrap_optimizer first")
+    return optimizer.zclip
+
+
+def attach(optimizer: Any, config: ZClipConfig) -> Any:
+    """Attach ZClip to ``optimizer`` in place and return it (the same object).
+
+    Accepts what ``get_megatron_optimizer`` returns: ``ChainedOptimizer`` (dense + expert
+    sub-optimizers), ``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``.
+    """
+    if is_attached(optimizer):
+        raise ValueError("ZClip is already attached to this optimizer")
+    missing = [name for name in _REQUIRED if not hasattr(optimizer, name)]
+    if missing:
+        raise TypeError(
+            f"zclip: {type(optimizer).__name__} lacks {', '.join(missing)}; expected a megatron-core optimizer "
+            f"(tested with megatron-core 0.16.1, found {'.'.join(map(str, core_version()))})")
+    fix_expert_tp_norm(optimizer)
+    cls = type(optimizer)
+    methods = {name: _Overrides.__dict__[name] for name in ("step", "state_dict", "sharded_state_dict",
+                                                            "load_state_dict")}
+    optimizer.__class__ = type(f"ZClip{cls.__name__}", (cls,),
+                               {**methods, "__module__": __name__, "_zclip_attached": True, "_zclip_base": cls})
+    optimizer._zclip_config = config
+    optimizer._zclip_device = _device_of(optimizer)
+    optimizer._zclip_group = _norm_group(optimizer)
+    # "raise" is enforced above on the host float; the clipper itself would read its flag every step.
+    inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
+    optimizer.zclip = Clipper(inner, device=optimizer._zclip_device)
+    return optimizer
+
+
+def log_metrics(optimizer: Any, iteration: int, writer: Any = None, wandb_writer: Any = None,
+                names: Iterable[str] = LOG_METRICS) -> dict[str, Any]:
+    """Write the last step's ZClip metrics to Megatron's TensorBoard / W&B writers as ``zclip/<name>``.
+
+    One host transfer, and only where a writer exists (Megatron-LM creates them on the last rank);
+    call it at the log interval. Returns what was written.
+    """
+    if writer is None and wandb_writer is None:
+        return {}
+    metrics = clipper_of(optimizer).metrics()
+    out = {f"zclip/{n}": float(metrics[n]) for n in names if n in metrics}
+    if writer is not None:
+        for key, value in out.items():
+            writer.add_scalar(key, value, iteration)
+    if wandb_writer is not None:
+        wandb_writer.log(out, iteration)
+    return out
