@@ -6,13 +6,13 @@ Front ends: ``ZClip(...).step(model)`` for plain PyTorch, ``ZClipLightningCallba
 """
 
 from .clipper import Clipper
-from .config import ConfigError, ZClipConfig
-from .integrations.torch import ZClip
+from .config import AdaGCConfig, ConfigError, ZClipConfig
+from .integrations.torch import AdaGC, ZClip
 from .topology import Topology
 
 __version__ = "0.1.0"
 
-__all__ = ["ZClip", "ZClipConfig", "ConfigError", "Clipper", "Topology", "ZClipLightningCallback", "__version__"]
+__all__ = ["ZClip", "AdaGC", "AdaGCConfig", "ZClipConfig", "ConfigError", "Clipper", "Topology", "ZClipLightningCallback", "__version__"]
 
 
 def __getattr__(name: str):

@@ -10,22 +10,40 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import ZClipConfig
+from .adagc import AdaGCDecision, AdaGCState, adagc_update, init_adagc_state
+from .config import AdaGCConfig, ZClipConfig
 from .metrics import metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
 
-__all__ = ["Clipper", "agree", "STATE_FORMAT", "STATE_VERSION"]
+__all__ = ["Clipper", "AdaGCClipper", "agree", "STATE_FORMAT", "STATE_VERSION", "ADAGC_STATE_FORMAT"]
 
 logger = logging.getLogger("zclip_dist")
 
 STATE_FORMAT = "zclip_dist.zclip"
 STATE_VERSION = 1
+ADAGC_STATE_FORMAT = "zclip_dist.adagc"
+
+
+def _check_format(state_dict: Mapping[str, Any], expected: str) -> None:
+    fmt, version = state_dict.get("format"), state_dict.get("version")
+    if fmt != expected:
+        raise ValueError(f"not a {expected} state (format {fmt!r})")
+    if not isinstance(version, int) or version > STATE_VERSION:
+        raise ValueError(f"{expected} state version {version!r} is newer than this zclip_dist understands "
+                         f"(<= {STATE_VERSION}); upgrade zclip_dist to resume from this checkpoint")
+
+
+def _warn_changed(saved: Mapping[str, Any], config: ZClipConfig | AdaGCConfig) -> None:
+    changed = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k, v) != v}
+    if changed:
+        warnings.warn("zclip_dist: settings differ from the checkpoint's, the new ones apply: "
+                      + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
 
 
 def agree(norm: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -102,17 +120,8 @@ class Clipper:
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        fmt, version = state_dict.get("format"), state_dict.get("version")
-        if fmt != STATE_FORMAT:
-            raise ValueError(f"not a ZClip state (format {fmt!r}, expected {STATE_FORMAT!r})")
-        if not isinstance(version, int) or version > STATE_VERSION:
-            raise ValueError(f"ZClip state version {version!r} is newer than this zclip_dist understands "
-                             f"(<= {STATE_VERSION}); upgrade zclip_dist to resume from this checkpoint")
-        saved_cfg = dict(state_dict.get("config", {}))
-        changed = {k: (saved_cfg.get(k), v) for k, v in self.config.to_dict().items() if saved_cfg.get(k, v) != v}
-        if changed:
-            warnings.warn("zclip: settings differ from the checkpoint's, the new ones apply: "
-                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=2)
+        _check_format(state_dict, STATE_FORMAT)
+        _warn_changed(state_dict.get("config", {}), self.config)
         device = self.state.mean.device if self.state is not None else "cpu"
         self._apply_state(dict(state_dict["state"]), device)
 
@@ -132,3 +141,92 @@ class Clipper:
                 loaded["count"] = torch.maximum(loaded["count"], torch.full_like(loaded["count"], warm_n))
         self.state = ZClipState(**loaded)
         self.last = None
+
+
+class AdaGCClipper:
+    """AdaGC state (one gamma per named tensor) plus the per-step decision.
+
+    The state is keyed by parameter name, so a checkpoint survives a change of data-parallel size or a
+    reordering of the parameters; with pipeline parallelism each stage saves its own tensors.
+    """
+
+    def __init__(self, config: AdaGCConfig) -> None:
+        self.config = config
+        self.names: tuple[str, ...] = ()
+        self.state: AdaGCState | None = None
+        self.last: AdaGCDecision | None = None
+        self._saved: dict[str, Any] | None = None
+
+    def bind(self, names: Sequence[str], device: torch.device) -> None:
+        """Fix the tensor order of the per-tensor vectors; carry gamma over by name when it changes.
+
+        Called when the set of gradients changes (first step, after a load): not on the steady path.
+        """
+        names = tuple(names)
+        if names == self.names and self.state is not None and self._saved is None:
+            return
+        old = self._by_name()
+        fresh = init_adagc_state(self.config, len(names), device)
+        gamma, seen = fresh.gamma.clone(), fresh.seen.clone()
+        if self.config.mode == "adagc-global":
+            if "__global__" in old:
+                gamma[0], seen[0] = old["__global__"]
+        else:
+            for i, n in enumerate(names):
+                if n in old:
+                    gamma[i], seen[i] = old[n]
+        count = fresh.count if self.state is None else self.state.count.to(device)
+        nonfinite = fresh.num_nonfinite if self.state is None else self.state.num_nonfinite.to(device)
+        if self._saved is not None:
+            count = torch.tensor(int(self._saved["count"]), device=device)
+            nonfinite = torch.tensor(int(self._saved["num_nonfinite"]), device=device)
+            self._saved = None
+        self.names = names
+        self.state = AdaGCState(count=count, gamma=gamma, seen=seen, num_nonfinite=nonfinite)
+
+    def _by_name(self) -> dict[str, tuple[Tensor, Tensor]]:
+        if self._saved is not None:
+            return {k: (torch.tensor(v[0]), torch.tensor(v[1])) for k, v in self._saved["gamma"].items()}
+        if self.state is None:
+            return {}
+        keys = ("__global__",) if self.config.mode == "adagc-global" else self.names
+        return {k: (self.state.gamma[i], self.state.seen[i]) for i, k in enumerate(keys)}
+
+    def step(self, sq_norms: Tensor, global_norm: Tensor) -> AdaGCDecision:
+        """Feed the whole-tensor squared norms (bound order) and the global norm; update gamma once."""
+        self.state, self.last = adagc_update(self.config, self.state, sq_norms, global_norm)
+        if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
+            raise FloatingPointError("adagc: non-finite gradient norm; every rank raises (nonfinite='raise')")
+        return self.last
+
+    def metrics(self) -> dict[str, Any]:
+        """Last step as Python numbers (one host transfer): norm, clipped-tensor count, minimum coefficient."""
+        if self.last is None:
+            return {}
+        d = self.last
+        vec = torch.stack([d.norm.double(), d.clipped.sum().double(), d.coefs.min().double(),
+                           d.warmup.double(), d.nonfinite.double(), d.skipped.double()]).tolist()
+        return {"grad_norm": vec[0], "num_clipped_tensors": int(vec[1]), "min_coef": vec[2],
+                "warmup": bool(vec[3]), "nonfinite": bool(vec[4]), "skipped": bool(vec[5])}
+
+    def state_dict(self) -> dict[str, Any]:
+        by_name = self._by_name()
+        count = self.state.count if self.state is not None else torch.zeros((), dtype=torch.int64)
+        nonfinite = self.state.num_nonfinite if self.state is not None else torch.zeros((), dtype=torch.int64)
+        if self._saved is not None:
+            count, nonfinite = self._saved["count"], self._saved["num_nonfinite"]
+        return {
+            "format": ADAGC_STATE_FORMAT,
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "count": int(count),
+            "num_nonfinite": int(nonfinite),
+            "gamma": {k: (float(g), bool(s)) for k, (g, s) in by_name.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        _check_format(state_dict, ADAGC_STATE_FORMAT)
+        _warn_changed(state_dict.get("config", {}), self.config)
+        self._saved = {k: state_dict[k] for k in ("count", "num_nonfinite", "gamma")}
+        if self.names:
+            self.bind(self.names, self.state.gamma.device)

@@ -13,11 +13,12 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["ZClipConfig", "ConfigError", "NONFINITE_POLICIES"]
+__all__ = ["ZClipConfig", "AdaGCConfig", "ConfigError", "NONFINITE_POLICIES"]
 
 MODES = ("zscore", "percentile")
 CLIP_OPTIONS = ("adaptive_scaling", "mean")
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
+ADAGC_MODES = ("adagc", "adagc-global")
 
 
 class ConfigError(ValueError):
@@ -138,4 +139,41 @@ class ZClipConfig(_FromDict):
         check_choice(src, "clip_option", self.clip_option, CLIP_OPTIONS)
         check_real(src, "clip_factor", self.clip_factor, low=0.0, low_open=True)
         check_bool(src, "skip_update_on_spike", self.skip_update_on_spike)
+        check_choice(src, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaGCConfig(_FromDict):
+    """AdaGC settings. Defaults are the official Megatron patch's (lishuai-97/AdaGC).
+
+    Attributes:
+        mode: ``"adagc"`` (one threshold per parameter tensor, of the *whole* tensor however it is
+            sharded) or ``"adagc-global"`` (the same rule on the global norm).
+        clip_ratio: lambda_rel: a tensor is clipped when its norm exceeds ``clip_ratio * gamma``.
+        beta: EMA decay of gamma, the clipped per-tensor norm.
+        warmup_steps: T_start: global clipping at ``max_grad_norm`` while gamma is initialised to the
+            running minimum of the (globally clipped) per-tensor norms.
+        max_grad_norm: lambda_abs, the warmup's global clip. Engines pass their fixed clip
+            (``gradient_clipping`` / ``--clip-grad``) when this is not given; otherwise 1.0.
+        eps: added to norms in denominators.
+        nonfinite: as for :class:`ZClipConfig`; a non-finite step never enters gamma.
+    """
+
+    mode: str = "adagc"
+    clip_ratio: float = 1.04
+    beta: float = 0.99
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    eps: float = 1e-6
+    nonfinite: str = "skip"
+    _source: str = dataclasses.field(default="adagc", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        src = self._source
+        check_choice(src, "mode", self.mode, ADAGC_MODES)
+        check_real(src, "clip_ratio", self.clip_ratio, low=1.0)
+        check_real(src, "beta", self.beta, low=0.0, high=1.0, high_open=True)
+        check_int(src, "warmup_steps", self.warmup_steps, low=0)
+        check_real(src, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        check_real(src, "eps", self.eps, low=0.0)
         check_choice(src, "nonfinite", self.nonfinite, NONFINITE_POLICIES)

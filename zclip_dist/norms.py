@@ -33,6 +33,7 @@ class NormPlan(NamedTuple):
     groups: tuple[tuple[int, ...], ...]  # indices into the gradient list, one tuple per (device, dtype)
     order: tuple[int, ...]  # plan position -> gradient-list index (concatenation of ``groups``)
     weights: Tensor  # fp32 0/1 per plan position on the output device: does this rank's copy count
+    tensor_weights: Tensor  # the same for per-tensor norms (dedup within the topology's tensor group)
     device: torch.device
 
 
@@ -57,9 +58,11 @@ class NormCalculator:
             by_kind.setdefault((g.device, g.dtype), []).append(i)
         groups = tuple(tuple(ix) for ix in by_kind.values())
         order = tuple(i for ix in groups for i in ix)
-        weights = torch.tensor([1.0 if self.topology.counts(params[i]) else 0.0 for i in order],
-                               dtype=ACC_DTYPE, device=device)
-        return NormPlan(groups=groups, order=order, weights=weights, device=device)
+        def mask(rule) -> Tensor:
+            return torch.tensor([1.0 if rule(params[i]) else 0.0 for i in order], dtype=ACC_DTYPE, device=device)
+
+        return NormPlan(groups=groups, order=order, weights=mask(self.topology.counts),
+                        tensor_weights=mask(self.topology.counts_in_tensor_group), device=device)
 
     def local_squares(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
         """Per-tensor squared norms of this rank's local gradients, fp32, in plan order."""
@@ -82,3 +85,21 @@ class NormCalculator:
         total = torch.dot(sq, self.plan.weights) if sq.numel() else torch.zeros((), dtype=ACC_DTYPE, device=self.plan.device)
         self.topology.all_reduce_sum(total)
         return total.sqrt(), sq
+
+    def per_tensor(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Global norm and the squared norms of the *whole* tensors (plan order), identical on every rank.
+
+        One bucketed all-reduce when the per-tensor group is the global group (no pipeline
+        parallelism): the global square is the sum of the whole-tensor squares. With a pipeline, a
+        second (scalar) all-reduce over the global group adds the other stages.
+        """
+        sq = self.local_squares(params, grads)
+        plan = self.plan
+        full = sq * plan.tensor_weights  # 0 * NaN = NaN: a bad replica still poisons its tensor's norm
+        if self.topology.tensor_group_is_group:
+            self.topology.all_reduce_tensor_sum(full)
+            return full.sum().sqrt(), full
+        total = torch.dot(sq, plan.weights) if sq.numel() else torch.zeros((), dtype=ACC_DTYPE, device=plan.device)
+        self.topology.all_reduce_tensor_sum(full)
+        self.topology.all_reduce_sum(total)
+        return total.sqrt(), full

@@ -14,12 +14,17 @@ Replicas that do not count still contribute ``0 * (their squared norm)``: zero w
 so a NaN or Inf on *any* rank makes the norm non-finite on every rank and all of them take the same
 action. Ranks of ``group`` receive bitwise-identical results from the all-reduce, so every rank feeds
 the same number into the same deterministic statistics: one decision everywhere.
+
+Per-tensor norms (AdaGC) need a second fact: ``tensor_group``, the ranks whose parameter lists align
+(the same tensors in the same order: TP and DP ranks of one pipeline stage) and ``tensor_counts``, the
+dedup within that group. A weighted SUM of the per-tensor vector over it gives every whole tensor's
+norm in one bucketed collective. Without pipeline parallelism it is ``group`` itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 import torch
 import torch.distributed as dist
@@ -55,6 +60,16 @@ def _world() -> ProcessGroup:
     return dist.group.WORLD
 
 
+class _Same:
+    """Marker: the per-tensor group is the global-norm group."""
+
+    def __repr__(self) -> str:
+        return "SAME"
+
+
+SAME = _Same()
+
+
 @dataclass(frozen=True)
 class Topology:
     """How local gradients combine into the global norm. Build with a constructor below."""
@@ -62,6 +77,9 @@ class Topology:
     group: ProcessGroup | None
     counts: Callable[[Tensor], bool] = field(repr=False)
     description: str = "local"
+    tensor_group: Union[ProcessGroup, None, _Same] = SAME
+    tensor_counts: Callable[[Tensor], bool] | None = field(default=None, repr=False)
+    tensor_group_missing: str | None = None  # why per-tensor norms cannot be formed (set by from_groups)
 
     # ---- the collectives -------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -72,6 +90,26 @@ class Topology:
         if self.group is not None:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
+
+    def all_reduce_tensor_sum(self, vector: Tensor) -> Tensor:
+        """SUM of a per-tensor vector over ``tensor_group``: the ranks holding pieces of the same tensors.
+
+        TP shards (and ZeRO/FSDP shards) of one tensor sit at the same vector position on every rank
+        of this group, so one bucketed all-reduce yields every whole tensor's squared norm.
+        """
+        if self.tensor_group_missing is not None:
+            raise ValueError(self.tensor_group_missing)
+        group = self.group if self.tensor_group is SAME else self.tensor_group
+        if group is not None:
+            dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=group)
+        return vector
+
+    @property
+    def tensor_group_is_group(self) -> bool:
+        return self.tensor_group is SAME and self.tensor_group_missing is None
+
+    def counts_in_tensor_group(self, param: Tensor) -> bool:
+        return (self.tensor_counts or self.counts)(param)
 
     @property
     def world_size(self) -> int:
@@ -111,6 +149,7 @@ class Topology:
         expert_tp_group: ProcessGroup | None = None,
         expert_dp_group: ProcessGroup | None = None,
         group: ProcessGroup | None = None,
+        tensor_group: ProcessGroup | None = None,
         tp_sharded: Callable[[Tensor], bool] = is_tp_sharded,
         shared_copy: Callable[[Tensor], bool] = is_shared_copy,
         expert: Callable[[Tensor], bool] = is_expert,
@@ -125,14 +164,14 @@ class Topology:
         * Expert parameters (``allreduce=False``) use ``expert_tp_group`` / ``expert_dp_group``.
 
         ``group`` (default WORLD) must contain every rank of all these groups; the one SUM is over it.
+        ``tensor_group`` (per-tensor norms for AdaGC) is needed only with pipeline parallelism: the TP x
+        DP ranks of this rank's stage. Without a pipeline it is ``group``.
         """
         group = group if group is not None else _world()
         tp_rank, dp_rank = _rank_in(tp_group), _rank_in(dp_group)
         etp_rank, edp_rank = _rank_in(expert_tp_group), _rank_in(expert_dp_group)
 
-        def counts(p: Tensor) -> bool:
-            if shared_copy(p):
-                return False
+        def counts_in_stage(p: Tensor) -> bool:
             if expert(p):
                 t_rank, d_rank = etp_rank, edp_rank
             else:
@@ -141,10 +180,20 @@ class Topology:
                 return False
             return dp_sharded or d_rank == 0
 
+        def counts(p: Tensor) -> bool:
+            return not shared_copy(p) and counts_in_stage(p)
+
         sizes = {n: (dist.get_world_size(g) if g is not None else 1)
                  for n, g in (("tp", tp_group), ("pp", pp_group), ("dp", dp_group))}
         desc = "groups(" + ", ".join(f"{k}={v}" for k, v in sizes.items()) + (", dp_sharded" if dp_sharded else "") + ")"
-        return cls(group=group, counts=counts, description=desc)
+        missing = None
+        if tensor_group is None and sizes["pp"] > 1:
+            missing = ("per-tensor norms with pipeline parallelism need Topology.from_groups(tensor_group=...): "
+                       "the TP x DP ranks of this rank's pipeline stage")
+        # A tied copy has its own (already all-reduced) gradient: it counts for its own per-tensor norm.
+        return cls(group=group, counts=counts, description=desc,
+                   tensor_group=SAME if tensor_group is None else tensor_group,
+                   tensor_counts=counts_in_stage, tensor_group_missing=missing)
 
     @classmethod
     def from_mesh(cls, mesh: "torch.distributed.device_mesh.DeviceMesh") -> "Topology":

@@ -18,16 +18,72 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..clipper import Clipper
-from ..config import ZClipConfig
+from ..adagc import AdaGCDecision
+from ..clipper import AdaGCClipper, Clipper
+from ..config import AdaGCConfig, ZClipConfig
 from ..norms import NormCalculator, local_tensor
 from ..stats import ZClipDecision
 from ..topology import Topology
 
-__all__ = ["ZClip"]
+__all__ = ["ZClip", "AdaGC"]
 
 
-class ZClip:
+class _DropIn:
+    """Collects a step's gradients and their norm calculator; subclasses decide and apply."""
+
+    topology: Topology | None
+    _norms: NormCalculator | None
+    nonfinite: str
+    clipper: Clipper | AdaGCClipper
+
+    # ---- introspection and checkpointing (the clipper's, with the engines' method names) ---------
+    @property
+    def last(self) -> ZClipDecision | AdaGCDecision | None:
+        """The last step's decision (device tensors)."""
+        return self.clipper.last
+
+    def metrics(self) -> dict[str, Any]:
+        """The last step's metrics as Python numbers (one host transfer; call on log steps)."""
+        return self.clipper.metrics()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.clipper.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.clipper.load_state_dict(state_dict)
+
+    def _gradients(self, model: nn.Module | Iterable[Tensor]) -> tuple[list[str], list[Tensor], list[Tensor]]:
+        if isinstance(model, nn.Module):
+            named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        else:
+            named = [(f"param.{i}", p) for i, p in enumerate(model) if p.grad is not None]
+        names = [n for n, _ in named]
+        params = [p for _, p in named]
+        if self._norms is None:
+            self.topology = self.topology or Topology.for_parameters(params, model if isinstance(model, nn.Module) else None)
+            self._norms = NormCalculator(self.topology, device=params[0].grad.device if params else None)
+        return names, params, [local_tensor(p.grad) for p in params]
+
+    def _scale(self, grads: list[Tensor], coefs: Tensor) -> None:
+        """Multiply each (device, dtype) group of gradients by its coefficient(s): 0-d, or one per tensor
+        in plan order. Under nonfinite="skip" a NaN/Inf entry is then cleared, since x * 0 stays NaN."""
+        plan = self._norms.plan
+        start = 0
+        for ix in plan.groups:
+            group = [grads[i] for i in ix]
+            first = group[0]
+            if coefs.dim() == 0:
+                torch._foreach_mul_(group, coefs.to(device=first.device, dtype=first.dtype, non_blocking=True))
+            else:
+                part = coefs[start:start + len(ix)].to(device=first.device, dtype=first.dtype, non_blocking=True)
+                torch._foreach_mul_(group, list(part.unbind()))
+            start += len(ix)
+            if self.nonfinite == "skip":
+                for g in group:
+                    g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class ZClip(_DropIn):
     """Adaptive gradient clipping by z-score anomaly detection on the global gradient norm.
 
     Positional and keyword arguments are the reference package's (same defaults); see
@@ -51,6 +107,7 @@ class ZClip:
             skip_update_on_spike=skip_update_on_spike, nonfinite=nonfinite)
         self.clipper = Clipper(self.config)
         self.topology = topology
+        self.nonfinite = self.config.nonfinite
         self._norms: NormCalculator | None = None
 
     # ---- the step ---------------------------------------------------------------------------------
@@ -59,46 +116,12 @@ class ZClip:
 
         Returns the pre-clip global norm as a 0-d fp32 tensor on the gradients' device.
         """
-        module = model if isinstance(model, nn.Module) else None
-        params = [p for p in (model.parameters() if module is not None else model) if p.grad is not None]
-        if self._norms is None:
-            topology = self.topology or Topology.for_parameters(params, module)
-            self.topology = topology
-            device = params[0].grad.device if params else None
-            self._norms = NormCalculator(topology, device=device)
-        grads = [local_tensor(p.grad) for p in params]
+        _, params, grads = self._gradients(model)
         norm, _ = self._norms(params, grads)
         decision = self.clipper.step(norm)
-        self._apply(grads, decision)
+        if grads:
+            self._scale(grads, decision.coef)
         return norm
-
-    def _apply(self, grads: list[Tensor], decision: ZClipDecision) -> None:
-        if not grads:
-            return
-        plan = self._norms.plan
-        for ix in plan.groups:
-            group = [grads[i] for i in ix]
-            coef = decision.coef.to(device=group[0].device, dtype=group[0].dtype, non_blocking=True)
-            torch._foreach_mul_(group, coef)
-            if self.config.nonfinite == "skip":
-                for g in group:
-                    g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-
-    # ---- introspection and checkpointing ---------------------------------------------------------
-    @property
-    def last(self) -> ZClipDecision | None:
-        """The last step's decision (device tensors)."""
-        return self.clipper.last
-
-    def metrics(self) -> dict[str, Any]:
-        """The last step's metrics as Python numbers (one host transfer; call on log steps)."""
-        return self.clipper.metrics()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.clipper.state_dict()
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.clipper.load_state_dict(state_dict)
 
     # Reference-compatible read-only views (they read the device state: not for the step path).
     @property
@@ -115,3 +138,36 @@ class ZClip:
     def initialized(self) -> bool:
         s = self.clipper.state
         return s is not None and int(s.count) >= self.config.warmup_steps
+
+
+class AdaGC(_DropIn):
+    """AdaGC: per-tensor adaptive clipping from an EMA of each tensor's clipped norm.
+
+    ``AdaGC(...).step(model)`` between ``backward()`` and ``optimizer.step()``; arguments are
+    :class:`~zclip_dist.config.AdaGCConfig`'s. Each tensor's norm is the norm of the *whole* tensor
+    however it is sharded (one bucketed all-reduce over the topology's tensor group), the state is keyed
+    by parameter name, and the step makes no host synchronisation.
+    """
+
+    def __init__(self, *, mode: str = "adagc", clip_ratio: float = 1.04, beta: float = 0.99,
+                 warmup_steps: int = 100, max_grad_norm: float = 1.0, eps: float = 1e-6,
+                 nonfinite: str = "skip", topology: Topology | None = None,
+                 config: AdaGCConfig | None = None) -> None:
+        self.config = config if config is not None else AdaGCConfig(
+            mode=mode, clip_ratio=clip_ratio, beta=beta, warmup_steps=warmup_steps,
+            max_grad_norm=max_grad_norm, eps=eps, nonfinite=nonfinite)
+        self.clipper = AdaGCClipper(self.config)
+        self.topology = topology
+        self.nonfinite = self.config.nonfinite
+        self._norms: NormCalculator | None = None
+
+    def step(self, model: nn.Module | Iterable[Tensor]) -> Tensor:
+        """Clip in place; return the pre-clip global norm (0-d fp32 tensor)."""
+        names, params, grads = self._gradients(model)
+        norm, full_sq = self._norms.per_tensor(params, grads)
+        plan = self._norms.plan
+        self.clipper.bind([names[i] for i in plan.order], plan.device)
+        decision = self.clipper.step(full_sq, norm)
+        if grads:
+            self._scale(grads, decision.coefs)
+        return norm
