@@ -23,9 +23,9 @@ from dataclasses import fields
 from typing import Any
 
 from .config import CLIP_OPTIONS, MODES, NONFINITE_POLICIES, ConfigError, ZClipConfig
-from .integrations.megatron import LOG_METRICS, attach, clipper_of, log_metrics
+from .integrations.megatron import LOG_METRICS, attach, attached_optimizer, clipper_of, log_metrics
 
-__all__ = ["add_arguments", "config_from_args", "wrap_optimizer", "enabled", "log_metrics", "clipper_of",
+__all__ = ["add_arguments", "config_from_args", "wrap_optimizer", "enabled", "log_metrics", "clipper_of", "attached_optimizer",
            "flag_name", "LOG_METRICS"]
 
 _NONE = "none"

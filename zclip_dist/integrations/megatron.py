@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ..clipper import Clipper, agree
 from ..config import ZClipConfig
 
-__all__ = ["attach", "is_attached", "clipper_of", "sub_optimizers", "fix_expert_tp_norm", "log_metrics",
+__all__ = ["attach", "attached_optimizer", "is_attached", "clipper_of", "sub_optimizers", "fix_expert_tp_norm", "log_metrics",
            "core_version", "STATE_KEY", "LOG_METRICS"]
 
 logger = logging.getLogger("zclip_dist.megatron")
@@ -46,6 +46,7 @@ LOG_METRICS = ("grad_norm", "threshold", "coef", "clipped", "skipped", "mean", "
                "num_clipped", "num_spikes", "num_nonfinite")
 #: First megatron-core release with PR #5916 (expert-TP duplicates judged against the expert TP group).
 _EXPERT_TP_FIXED = (0, 19)
+_ATTACHED: list[Any] = []  # the optimizer ZClip was last attached to, for Megatron-LM's training_log
 _REQUIRED = ("prepare_grads", "get_grad_norm", "step_with_ready_grads", "get_parameters", "config")
 
 
@@ -236,7 +237,15 @@ def attach(optimizer: Any, config: ZClipConfig) -> Any:
     # "raise" is enforced above on the host float; the clipper itself would read its flag every step.
     inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
     optimizer.zclip = Clipper(inner, device=optimizer._zclip_device)
+    _ATTACHED[:] = [optimizer]
     return optimizer
+
+
+def attached_optimizer() -> Any:
+    """The optimizer ZClip was last attached to in this process (``training_log`` has no optimizer argument)."""
+    if not _ATTACHED:
+        raise ValueError("ZClip is not attached to any optimizer in this process")
+    return _ATTACHED[0]
 
 
 def log_metrics(optimizer: Any, iteration: int, writer: Any = None, wandb_writer: Any = None,
