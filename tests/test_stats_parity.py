@@ -89,10 +89,14 @@ def test_threshold_is_the_clip_point():
     for g in base:
         clipper.step(torch.tensor(g, dtype=torch.float64))
     state = clipper.state
+
+    def copy_of(st):  # the clipper advances its state in place
+        return type(st)(*(t.clone() for t in st))
+
     for factor, expect_clip in ((1 - 1e-9, False), (1 + 1e-9, True)):
         probe = Clipper(cfg, device="cpu")
-        probe.state = state
+        probe.state = copy_of(state)
         thr = float(probe.step(torch.tensor(1.0, dtype=torch.float64)).threshold)
-        probe.state = state
+        probe.state = copy_of(state)
         d = probe.step(torch.tensor(thr * factor, dtype=torch.float64))
         assert bool(d.clipped) is expect_clip and bool(d.spike) is expect_clip

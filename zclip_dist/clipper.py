@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .adagc import AdaGCDecision, AdaGCState, adagc_update, init_adagc_state
 from .config import AdaGCConfig, ZClipConfig
+from .graphs import GraphedUpdate, can_graph
 from .metrics import metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
 
@@ -37,6 +38,12 @@ def _check_format(state_dict: Mapping[str, Any], expected: str) -> None:
     if not isinstance(version, int) or version > STATE_VERSION:
         raise ValueError(f"{expected} state version {version!r} is newer than this zclip_dist understands "
                          f"(<= {STATE_VERSION}); upgrade zclip_dist to resume from this checkpoint")
+
+
+def _commit(state: tuple[Tensor, ...], new_state: tuple[Tensor, ...]) -> None:
+    """Write the new state into the existing tensors: fixed addresses let a CUDA graph that captured
+    the step replay it with the state advancing (a few scalar copies, one foreach launch)."""
+    torch._foreach_copy_(list(state), list(new_state))
 
 
 def _warn_changed(saved: Mapping[str, Any], config: ZClipConfig | AdaGCConfig) -> None:
@@ -71,10 +78,18 @@ class Clipper:
         device: where the state lives (default: the device of the first norm it is given).
     """
 
-    def __init__(self, config: ZClipConfig, *, device: torch.device | str | None = None) -> None:
+    def __init__(self, config: ZClipConfig, *, device: torch.device | str | None = None,
+                 cuda_graph: bool = True) -> None:
         self.config = config
         self.state: ZClipState | None = init_state(config, device) if device is not None else None
         self.last: ZClipDecision | None = None
+        self.cuda_graph = cuda_graph
+        self._graph: GraphedUpdate | None = None
+
+    def _update(self, norm: Tensor) -> ZClipDecision:
+        new_state, decision = zclip_update(self.config, self.state, norm)
+        _commit(self.state, new_state)
+        return decision
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self, norm: Tensor | float) -> ZClipDecision:
@@ -89,7 +104,11 @@ class Clipper:
             self.state = init_state(self.config, norm.device)
         elif self.state.mean.device != norm.device:  # loaded on CPU before the first step: move once
             self.state = ZClipState(*(t.to(norm.device) for t in self.state))
-        self.state, self.last = zclip_update(self.config, self.state, norm.to(self.state.mean.device))
+            self._graph = None
+        norm = norm.detach().to(self.state.mean.device)
+        if self._graph is None and self.cuda_graph and can_graph(norm.device):
+            self._graph = GraphedUpdate(self._update, [norm])
+        self.last = self._graph(norm) if self._graph is not None and can_graph(norm.device) else self._update(norm)
         if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
             rank = dist.get_rank() if dist.is_initialized() else 0
             raise FloatingPointError(
@@ -141,6 +160,7 @@ class Clipper:
                 loaded["count"] = torch.maximum(loaded["count"], torch.full_like(loaded["count"], warm_n))
         self.state = ZClipState(**loaded)
         self.last = None
+        self._graph = None  # the captured graph points at the old state tensors
 
 
 class AdaGCClipper:
@@ -150,12 +170,14 @@ class AdaGCClipper:
     reordering of the parameters; with pipeline parallelism each stage saves its own tensors.
     """
 
-    def __init__(self, config: AdaGCConfig) -> None:
+    def __init__(self, config: AdaGCConfig, *, cuda_graph: bool = True) -> None:
         self.config = config
         self.names: tuple[str, ...] = ()
         self.state: AdaGCState | None = None
         self.last: AdaGCDecision | None = None
         self._saved: dict[str, Any] | None = None
+        self.cuda_graph = cuda_graph
+        self._graph: GraphedUpdate | None = None
 
     def bind(self, names: Sequence[str], device: torch.device) -> None:
         """Fix the tensor order of the per-tensor vectors; carry gamma over by name when it changes.
@@ -183,6 +205,7 @@ class AdaGCClipper:
             self._saved = None
         self.names = names
         self.state = AdaGCState(count=count, gamma=gamma, seen=seen, num_nonfinite=nonfinite)
+        self._graph = None  # the captured graph points at the old state tensors
 
     def _by_name(self) -> dict[str, tuple[Tensor, Tensor]]:
         if self._saved is not None:
@@ -192,9 +215,17 @@ class AdaGCClipper:
         keys = ("__global__",) if self.config.mode == "adagc-global" else self.names
         return {k: (self.state.gamma[i], self.state.seen[i]) for i, k in enumerate(keys)}
 
+    def _update(self, sq_norms: Tensor, global_norm: Tensor) -> AdaGCDecision:
+        new_state, decision = adagc_update(self.config, self.state, sq_norms, global_norm)
+        _commit(self.state, new_state)
+        return decision
+
     def step(self, sq_norms: Tensor, global_norm: Tensor) -> AdaGCDecision:
         """Feed the whole-tensor squared norms (bound order) and the global norm; update gamma once."""
-        self.state, self.last = adagc_update(self.config, self.state, sq_norms, global_norm)
+        if self._graph is None and self.cuda_graph and can_graph(sq_norms.device):
+            self._graph = GraphedUpdate(self._update, [sq_norms, global_norm])
+        graphed = self._graph is not None and can_graph(sq_norms.device)
+        self.last = self._graph(sq_norms, global_norm) if graphed else self._update(sq_norms, global_norm)
         if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
             raise FloatingPointError("adagc: non-finite gradient norm; every rank raises (nonfinite='raise')")
         return self.last

@@ -162,7 +162,8 @@ def zclip_update(config: ZClipConfig, state: ZClipState, norm: Tensor) -> tuple[
         num_nonfinite=state.num_nonfinite + (~finite).to(torch.int64),
     )
     decision = ZClipDecision(
-        norm=g_raw, coef=coef, clip_to=clip_to, threshold=threshold, mean=mean, std=std,
+        # mean is copied: the clipper writes the new state into the old tensors (see clipper._commit)
+        norm=g_raw, coef=coef, clip_to=clip_to, threshold=threshold, mean=mean.clone(), std=std,
         z=torch.where(in_warmup | ~finite, torch.full_like(z, float("nan")), z),
         warmup=in_warmup, spike=spike, clipped=clipped, nonfinite=~finite, skipped=skipped,
     )

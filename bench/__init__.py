@@ -1,0 +1,1 @@
+"""Benchmarks for zclip_dist. Run everything with ``python -m bench`` (see bench/RESULTS.md)."""

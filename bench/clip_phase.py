@@ -1,0 +1,51 @@
+"""The standalone clip phase: ZClip and AdaGC drop-ins vs torch's clip_grad_norm_ and the reference zclip.
+
+All variants see the same gradients; each call computes the norm and scales the gradients (the
+baseline's coefficient is fixed, ZClip's is adaptive). The reference package only scales when it clips;
+on a CPU its host branch costs nothing, so its ratio there is reported as measured.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from zclip import ZClip as ReferenceZClip
+
+from zclip_dist import AdaGC, ZClip
+
+from .common import make_grads, median_time
+
+SIZES = [10_000_000, 100_000_000]
+TENSORS = [50, 500]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def run(device: torch.device, *, quick: bool = False, repeats: int = 10) -> list[dict]:
+    rows = []
+    sizes = SIZES[:1] if quick else SIZES
+    for n, k, (dname, dtype) in itertools.product(sizes, TENSORS, DTYPES.items()):
+        params = make_grads(n, k, dtype, device)
+        module = torch.nn.Module()
+        module.params = torch.nn.ParameterList(params)
+        # Warmed-up clippers (past warmup) so the adaptive branch is what gets timed.
+        zclip_skip = ZClip(max_grad_norm=None, warmup_steps=2)
+        zclip_prop = ZClip(max_grad_norm=None, warmup_steps=2, nonfinite="propagate")
+        adagc = AdaGC(warmup_steps=2)
+        ref = ReferenceZClip(max_grad_norm=None, warmup_steps=2)
+        variants = {
+            "torch.clip_grad_norm_(foreach)": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True),
+            "zclip_dist.ZClip (nonfinite=skip)": lambda: zclip_skip.step(params),
+            "zclip_dist.ZClip (nonfinite=propagate)": lambda: zclip_prop.step(params),
+            "zclip_dist.AdaGC": lambda: adagc.step(params),
+            "reference zclip 1.0.0": lambda: ref.step(module),
+        }
+        r = max(3, repeats // (10 if n >= 100_000_000 else 1))
+        times = {name: median_time(fn, device, repeats=r) for name, fn in variants.items()}
+        base = times["torch.clip_grad_norm_(foreach)"]
+        for name, t in times.items():
+            rows.append({"device": device.type, "params": n, "tensors": k, "dtype": dname, "variant": name,
+                         "median_ms": t * 1e3, "ratio_vs_clip_grad_norm": t / base,
+                         "reference_over_this": times["reference zclip 1.0.0"] / t})
+        del params, module
+    return rows
