@@ -178,3 +178,14 @@ def test_patched_megatron_lm_parses_and_validates(tmp_path):
                           cwd=REPO, timeout=300)
     assert "parsed True 1.5" in proc.stdout, proc.stderr[-3000:]
     assert proc.returncode != 0 and "--zclip-alpha = 1.5 is invalid" in proc.stderr
+
+
+def test_local_launch_script_stops_on_an_invalid_value():
+    checkout = megatron_lm()
+    training_deps()
+    env = dict(os.environ, MEGATRON_LM_PATH=str(checkout), PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore",
+               ZCLIP_ARGS="--zclip --zclip-warmup-steps 0")
+    proc = subprocess.run(["bash", str(REPO / "launch" / "megatron_local.sh")], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--zclip-warmup-steps = 0 is invalid" in proc.stderr
