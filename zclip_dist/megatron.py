@@ -47,6 +47,21 @@ _HELP = {
 _CHOICES = {"mode": MODES, "clip_option": CLIP_OPTIONS, "nonfinite": NONFINITE_POLICIES}
 
 
+def _doc_help() -> dict[str, str]:
+    """Help for fields without an entry above: their text in ``ZClipConfig``'s "Attributes:" docstring."""
+    out: dict[str, str] = {}
+    name = None
+    for line in (ZClipConfig.__doc__ or "").splitlines():
+        m = re.match(r"^\s{8}(\w+): (.*)$", line)
+        if m:
+            name, out[m.group(1)] = m.group(1), m.group(2)
+        elif name and line.startswith(" " * 12):
+            out[name] += " " + line.strip()
+        else:
+            name = None
+    return {k: v.replace("``", "'") for k, v in out.items()}
+
+
 def flag_name(field: str) -> str:
     """``z_thresh`` -> ``--zclip-z-thresh``."""
     return "--zclip-" + field.replace("_", "-")
@@ -68,12 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Every value defaults to ``None`` (= not given), so :func:`config_from_args` can tell a default from
     an explicit setting; values are validated there, before training starts.
     """
+    doc = _doc_help()
     group = parser.add_argument_group(title="zclip", description="ZClip adaptive gradient clipping (zclip_dist)")
     group.add_argument("--zclip", action="store_true", default=False,
                        help="Replace the fixed --clip-grad clipping by ZClip (the --clip-grad value becomes its cap).")
     for name in _fields():
         kind = next(f.type for f in fields(ZClipConfig) if f.name == name)
-        kwargs: dict[str, Any] = {"default": None, "help": _HELP[name], "dest": "zclip_" + name}
+        kwargs: dict[str, Any] = {"default": None, "help": _HELP.get(name) or doc.get(name, f"ZClipConfig.{name}"), "dest": "zclip_" + name}
         if name in _CHOICES:
             kwargs["choices"] = _CHOICES[name]
         elif name == "max_grad_norm":
