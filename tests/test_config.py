@@ -35,6 +35,8 @@ def test_defaults_equal_reference():
     ("clip_factor", 0.0, "(0, inf]"),
     ("skip_update_on_spike", "yes", "true or false"),
     ("nonfinite", "ignore", "'skip', 'raise', 'propagate'"),
+    ("recovery_steps", 0, "integer >= 1"), ("recovery_steps", 2.0, "integer >= 1"),
+    ("verify_every", -1, "integer >= 0"),
 ])
 def test_invalid_values_name_key_value_and_allowed(key, value, allowed):
     with pytest.raises(ConfigError) as err:

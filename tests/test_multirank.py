@@ -210,3 +210,25 @@ def test_tensor_parallel_groups_match_full_gradient(tp, world):
             assert math.isclose(res["norms"][i], oracle[t], rel_tol=1e-5), (t, r, res["norms"][i], oracle[t])
             assert math.isclose(res["coefs"][i], ref_coef, rel_tol=1e-5), (t, r)
     assert trimmed[0]["coefs"][spike_pos] < 0.1, "the spike was not clipped"
+
+
+# ---- the runtime identity check ---------------------------------------------------------------------
+def _diverging(rank: int, world: int):
+    """Rank 1 is fed a different norm at step 7 (what a wrong topology would do); verify_every=5 catches it."""
+    from zclip_dist.clipper import Clipper
+
+    clipper = Clipper(ZClipConfig(warmup_steps=3, verify_every=5), device="cpu")
+    for step in range(1, 13):
+        norm = 1.0 + 0.01 * step + (0.5 if (rank == 1 and step == 7) else 0.0)
+        try:
+            clipper.step(torch.tensor(norm, dtype=torch.float64))
+        except RuntimeError as err:
+            return step, str(err)
+    return None, ""
+
+
+@pytest.mark.slow
+def test_verify_every_names_the_diverging_rank():
+    results = run_ranks(_diverging, 3)
+    for step, message in results:  # every rank raises at the first check after the divergence
+        assert step == 10 and "rank(s) [1]" in message, (step, message)

@@ -33,6 +33,7 @@ class AdaGCState(NamedTuple):
     gamma: Tensor  # float32 [n]: one entry per tensor (1 entry in adagc-global mode)
     seen: Tensor  # bool [n]: gamma initialised
     num_nonfinite: Tensor  # int64
+    streak: Tensor  # int64 [n]: consecutive clipped steps per tensor (drives ``recovery_steps``)
 
 
 class AdaGCDecision(NamedTuple):
@@ -51,6 +52,7 @@ def init_adagc_state(config: AdaGCConfig, n: int, device: torch.device | str | N
         gamma=torch.zeros(size, dtype=torch.float32, device=device),
         seen=torch.zeros(size, dtype=torch.bool, device=device),
         num_nonfinite=torch.zeros((), dtype=torch.int64, device=device),
+        streak=torch.zeros(size, dtype=torch.int64, device=device),
     )
 
 
@@ -73,10 +75,18 @@ def adagc_update(config: AdaGCConfig, state: AdaGCState, sq_norms: Tensor, globa
 
     gamma, seen = state.gamma, state.seen
     limit = cfg.clip_ratio * gamma
-    over = seen & (n > limit)
+    over = seen & (n > limit) & ~warm
+    streak = torch.where(over, state.streak + 1, torch.zeros_like(state.streak))
+    if cfg.recovery_steps is not None:
+        # A tensor clipped for recovery_steps steps in a row has moved for good: take its norm as gamma.
+        reset = streak >= cfg.recovery_steps
+        over = over & ~reset
+        streak = torch.where(reset, torch.zeros_like(streak), streak)
+    else:
+        reset = torch.zeros_like(over)
     h_after = torch.where(over, limit / (n + cfg.eps), torch.ones_like(n))
     n_clipped = torch.where(over, limit, n)
-    gamma_after = torch.where(seen, cfg.beta * gamma + (1 - cfg.beta) * n_clipped, n)
+    gamma_after = torch.where(seen & ~reset, cfg.beta * gamma + (1 - cfg.beta) * n_clipped, n)
     gamma_warm = torch.where(seen, torch.minimum(gamma, n_warm), n_warm)
 
     coefs = torch.where(warm, coef_global.expand_as(n), h_after)
@@ -91,6 +101,7 @@ def adagc_update(config: AdaGCConfig, state: AdaGCState, sq_norms: Tensor, globa
         gamma=new_gamma,
         seen=seen | finite,
         num_nonfinite=state.num_nonfinite + (~finite).to(torch.int64),
+        streak=torch.where(finite, streak, state.streak),
     )
     decision = AdaGCDecision(norm=g, coefs=coefs, clipped=finite & (coefs < 1), warmup=warm,
                              nonfinite=~finite, skipped=~finite if skip else torch.zeros_like(finite))

@@ -70,6 +70,24 @@ def agree(norm: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return torch.where(packed[1] > 0, torch.full_like(packed[0], float("nan")), packed[0])
 
 
+def verify_identical(state: tuple[Tensor, ...], step: int) -> None:
+    """Raise on every rank if any rank's clipper state differs from rank 0's (``verify_every``).
+
+    All-gather over WORLD: the clipper state is replicated on every rank of the job, whatever the
+    parallel layout, so every rank must hold the same bits. One small all-gather and one host read.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in state])
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    table = torch.stack(everyone).cpu()
+    differ = [r for r in range(table.shape[0]) if not torch.equal(table[r], table[0])]
+    if differ:
+        raise RuntimeError(f"zclip_dist: clipper state diverged at step {step}: rank(s) {differ} differ from "
+                           f"rank 0 (verify_every); the gradient norm is not identical on every rank")
+
+
 class Clipper:
     """ZClip state plus the per-step decision.
 
@@ -85,6 +103,7 @@ class Clipper:
         self.last: ZClipDecision | None = None
         self.cuda_graph = cuda_graph
         self._graph: GraphedUpdate | None = None
+        self._calls = 0  # host-side step count, for verify_every (reading state.steps would sync)
 
     def _update(self, norm: Tensor) -> ZClipDecision:
         new_state, decision = zclip_update(self.config, self.state, norm)
@@ -109,6 +128,9 @@ class Clipper:
         if self._graph is None and self.cuda_graph and can_graph(norm.device):
             self._graph = GraphedUpdate(self._update, [norm])
         self.last = self._graph(norm) if self._graph is not None and can_graph(norm.device) else self._update(norm)
+        self._calls += 1
+        if self.config.verify_every and self._calls % self.config.verify_every == 0:
+            verify_identical(self.state, self._calls)
         if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
             rank = dist.get_rank() if dist.is_initialized() else 0
             raise FloatingPointError(
@@ -148,8 +170,8 @@ class Clipper:
         fresh = init_state(self.config, device)
         loaded = {}
         for name, default in fresh._asdict().items():
-            value = saved[name].to(device=default.device, dtype=default.dtype)
-            loaded[name] = value
+            value = saved.get(name, default)  # fields added after a checkpoint was written start fresh
+            loaded[name] = value.to(device=default.device, dtype=default.dtype)
         warm_n = self.config.warmup_steps
         if loaded["buffer"].numel() != warm_n:
             if int(loaded["count"]) < max(warm_n, saved["buffer"].numel()):
@@ -204,7 +226,7 @@ class AdaGCClipper:
             nonfinite = torch.tensor(int(self._saved["num_nonfinite"]), device=device)
             self._saved = None
         self.names = names
-        self.state = AdaGCState(count=count, gamma=gamma, seen=seen, num_nonfinite=nonfinite)
+        self.state = AdaGCState(count=count, gamma=gamma, seen=seen, num_nonfinite=nonfinite, streak=fresh.streak)
         self._graph = None  # the captured graph points at the old state tensors
 
     def _by_name(self) -> dict[str, tuple[Tensor, Tensor]]:

@@ -112,6 +112,14 @@ class ZClipConfig(_FromDict):
             PyTorch drop-in zeroes the gradients, non-finite entries included).
             ``"raise"``: raise ``FloatingPointError`` on every rank (the drop-in then reads the
             norm on the host every step). ``"propagate"``: leave the gradients to the engine's own checks.
+        recovery_steps: opt-in regime-shift recovery (``None``: the reference's behaviour). After this
+            many consecutive spike steps the norm level is taken to have moved for good (a data-mixture
+            change, the end of LR warmup, unfreezing layers): further consecutive spikes are not clipped
+            adaptively and their raw norm feeds the EMA, which catches up within a few steps. Isolated
+            spikes (shorter runs) are clipped exactly as before. The reference instead locks in: sigma
+            decays to 0 and every later step is clipped (shared/notes/algorithms.md §1.6).
+        verify_every: every N steps, all ranks compare a fingerprint of their state and raise naming any
+            rank that differs (one small all-gather and one host read per check); 0 disables.
     """
 
     alpha: float = 0.97
@@ -124,6 +132,8 @@ class ZClipConfig(_FromDict):
     clip_factor: float = 1.0
     skip_update_on_spike: bool = False
     nonfinite: str = "skip"
+    recovery_steps: int | None = None
+    verify_every: int = 0
     _source: str = dataclasses.field(default="zclip", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +150,9 @@ class ZClipConfig(_FromDict):
         check_real(src, "clip_factor", self.clip_factor, low=0.0, low_open=True)
         check_bool(src, "skip_update_on_spike", self.skip_update_on_spike)
         check_choice(src, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.recovery_steps is not None:
+            check_int(src, "recovery_steps", self.recovery_steps, low=1)
+        check_int(src, "verify_every", self.verify_every, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +170,10 @@ class AdaGCConfig(_FromDict):
             (``gradient_clipping`` / ``--clip-grad``) when this is not given; otherwise 1.0.
         eps: added to norms in denominators.
         nonfinite: as for :class:`ZClipConfig`; a non-finite step never enters gamma.
+        recovery_steps: opt-in (``None``: the official behaviour). A tensor clipped on this many
+            consecutive steps has its gamma reset to its current norm: a permanent rise is accepted at
+            once instead of over thousands of steps (gamma can grow by at most ``beta + (1-beta)*clip_ratio``
+            per step, 5,758 steps for a 10x rise at the defaults). Isolated spikes are still clipped.
     """
 
     mode: str = "adagc"
@@ -166,6 +183,7 @@ class AdaGCConfig(_FromDict):
     max_grad_norm: float = 1.0
     eps: float = 1e-6
     nonfinite: str = "skip"
+    recovery_steps: int | None = None
     _source: str = dataclasses.field(default="adagc", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -177,3 +195,5 @@ class AdaGCConfig(_FromDict):
         check_real(src, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         check_real(src, "eps", self.eps, low=0.0)
         check_choice(src, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.recovery_steps is not None:
+            check_int(src, "recovery_steps", self.recovery_steps, low=1)

@@ -19,9 +19,9 @@ __all__ = ["METRIC_NAMES", "metrics_tensors", "to_host", "JsonlSink"]
 
 #: Float metrics, in the order they are stacked for the single host transfer.
 METRIC_NAMES = ("grad_norm", "clipped_norm", "mean", "std", "z", "threshold", "coef",
-                "clipped", "spike", "skipped", "nonfinite", "warmup",
+                "clipped", "spike", "skipped", "nonfinite", "warmup", "regime_shift",
                 "step", "num_clipped", "num_spikes", "num_nonfinite")
-_FLAGS = {"clipped", "spike", "skipped", "nonfinite", "warmup"}
+_FLAGS = {"clipped", "spike", "skipped", "nonfinite", "warmup", "regime_shift"}
 _COUNTS = {"step", "num_clipped", "num_spikes", "num_nonfinite"}
 
 
@@ -29,7 +29,7 @@ def metrics_tensors(decision: ZClipDecision, state: ZClipState) -> Tensor:
     """All metrics of one step stacked into one float64 vector (device-side, no sync)."""
     d = decision
     values = [d.norm, d.norm * d.coef, d.mean, d.std, d.z, d.threshold, d.coef,
-              d.clipped, d.spike, d.skipped, d.nonfinite, d.warmup,
+              d.clipped, d.spike, d.skipped, d.nonfinite, d.warmup, d.regime_shift,
               state.steps, state.num_clipped, state.num_spikes, state.num_nonfinite]
     return torch.stack([v.to(torch.float64) for v in values])
 

@@ -44,6 +44,7 @@ class ZClipState(NamedTuple):
     num_clipped: Tensor  # int64: steps whose gradient was scaled down (finite norms)
     num_spikes: Tensor  # int64: steps the z-test (or percentile test) flagged
     num_nonfinite: Tensor  # int64: steps with a NaN/Inf norm
+    streak: Tensor  # int64: consecutive spike steps (finite steps only); drives ``recovery_steps``
 
 
 class ZClipDecision(NamedTuple):
@@ -57,7 +58,8 @@ class ZClipDecision(NamedTuple):
     std: Tensor
     z: Tensor
     warmup: Tensor  # bool: the statistics did not exist yet at this step
-    spike: Tensor  # bool
+    spike: Tensor  # bool: clipped adaptively this step
+    regime_shift: Tensor  # bool: a spike run longer than ``recovery_steps``: accepted as the new level
     clipped: Tensor  # bool: coef < 1 on a finite step
     nonfinite: Tensor  # bool
     skipped: Tensor  # bool: the update should not be applied (non-finite under "skip")
@@ -76,6 +78,7 @@ def init_state(config: ZClipConfig, device: torch.device | str | None = None) ->
         num_clipped=zero(torch.int64),
         num_spikes=zero(torch.int64),
         num_nonfinite=zero(torch.int64),
+        streak=zero(torch.int64),
     )
 
 
@@ -120,6 +123,12 @@ def zclip_update(config: ZClipConfig, state: ZClipState, norm: Tensor) -> tuple[
             adaptive = mean
         pass_limit = mean + cfg.z_thresh * (std + cfg.eps)  # z > z_thresh  <=>  g > pass_limit
     spike = spike & finite & ~in_warmup
+    streak = torch.where(spike, state.streak + 1, torch.where(finite, torch.zeros_like(state.streak), state.streak))
+    if cfg.recovery_steps is not None:
+        regime_shift = streak > cfg.recovery_steps
+        spike = spike & ~regime_shift  # the new level: not clipped adaptively, raw norm feeds the EMA
+    else:
+        regime_shift = torch.zeros_like(spike)
 
     ceiling = torch.where(spike, adaptive, g)
     inf = torch.full_like(g, float("inf"))
@@ -160,11 +169,12 @@ def zclip_update(config: ZClipConfig, state: ZClipState, norm: Tensor) -> tuple[
         num_clipped=state.num_clipped + clipped.to(torch.int64),
         num_spikes=state.num_spikes + spike.to(torch.int64),
         num_nonfinite=state.num_nonfinite + (~finite).to(torch.int64),
+        streak=streak,
     )
     decision = ZClipDecision(
         # mean is copied: the clipper writes the new state into the old tensors (see clipper._commit)
         norm=g_raw, coef=coef, clip_to=clip_to, threshold=threshold, mean=mean.clone(), std=std,
         z=torch.where(in_warmup | ~finite, torch.full_like(z, float("nan")), z),
-        warmup=in_warmup, spike=spike, clipped=clipped, nonfinite=~finite, skipped=skipped,
+        warmup=in_warmup, spike=spike, regime_shift=regime_shift, clipped=clipped, nonfinite=~finite, skipped=skipped,
     )
     return new_state, decision
