@@ -1,0 +1,123 @@
+"""One rank of the demo: build the DeepSpeed engine, train, record every step, write JSONL on rank 0.
+
+Both runs train inside the same ranks one after the other (one process-group start-up for both), from
+the same seed, on the same batches; only the clipping differs. The ZClip run goes through
+``zclip_dist.deepspeed.initialize`` with a ``"zclip"`` config entry; the fixed run through plain
+``deepspeed.initialize`` with ``gradient_clipping``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..metrics import JsonlSink
+from .corpus import VOCAB_SIZE, Corpus
+from .model import GPT, GPTConfig
+from .settings import RUNS, DemoSettings
+
+__all__ = ["ds_config", "train_run", "rank_main"]
+
+SPIKE_TARGET = VOCAB_SIZE - 1  # the corrupted batch's every target: 'z'
+
+
+def ds_config(settings: DemoSettings, run: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": settings.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": settings.clip,
+        "zero_optimization": {"stage": settings.zero_stage},
+        "steps_per_print": 10**9,  # the demo prints its own progress
+        "wall_clock_breakdown": False,
+    }
+    if run == "zclip":
+        cfg["zclip"] = dict(settings.zclip)  # no max_grad_norm: gradient_clipping is the cap
+    return cfg
+
+
+def _build(settings: DemoSettings, run: str):
+    import deepspeed
+
+    from .. import deepspeed as zclip_deepspeed
+
+    torch.manual_seed(settings.seed)
+    model = GPT(GPTConfig(VOCAB_SIZE, context=settings.context, n_layer=settings.n_layer,
+                          n_head=settings.n_head, d_model=settings.d_model))
+    # A torch optimizer: DeepSpeed's own AdamW would JIT-compile a C++ op on CPU.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
+                                  weight_decay=settings.weight_decay)
+    init = zclip_deepspeed.initialize if run == "zclip" else deepspeed.initialize
+    engine, *_ = init(model=model, optimizer=optimizer, config=ds_config(settings, run))
+    return engine
+
+
+def _step_record(engine: Any, settings: DemoSettings, run: str, step: int, loss: float) -> dict[str, Any]:
+    zclip = getattr(engine, "_zclip", None)
+    if zclip is not None:
+        m = zclip.metrics()
+        record = {"grad_norm": m["grad_norm"], "threshold": m["threshold"], "coef": m["coef"],
+                  "clipped": m["clipped"], "spike": m["spike"], "mean": m["mean"], "std": m["std"],
+                  "z": m["z"], "warmup": m["warmup"]}
+    else:
+        norm = float(engine.get_global_grad_norm())
+        coef = min(1.0, settings.clip / (norm + 1e-6))  # DeepSpeed's own rule
+        record = {"grad_norm": norm, "threshold": settings.clip, "coef": coef, "clipped": coef < 1.0}
+    return {"run": run, "step": step, "loss": loss, **record}
+
+
+def train_run(settings: DemoSettings, run: str, corpus: Corpus) -> dict[str, Any]:
+    """Train one run in this rank; rank 0 returns the per-step history and the wall time."""
+    import deepspeed.utils.groups
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    deepspeed.utils.groups.mpu = None  # a previous engine's state must not leak into this one
+    engine = _build(settings, run)
+    device = engine.device
+    sink = JsonlSink(os.path.join(settings.out, f"{run}.jsonl")) if rank == 0 else None
+    history: list[dict[str, Any]] = []
+    bar = None
+    if rank == 0 and settings.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.steps, desc=f"{run:>5}", unit="step", file=sys.stderr, dynamic_ncols=True)
+    dist.barrier()
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        x, y = corpus.batch(step, rank, settings.micro_batch, settings.context)
+        corrupted = step == settings.spike_step and rank == settings.spike_rank
+        if corrupted:
+            y = torch.full_like(y, SPIKE_TARGET)
+        loss = engine(x.to(device), y.to(device))
+        engine.backward(loss * settings.spike_weight if corrupted else loss)
+        engine.step()
+        # The logged loss is the mean over the clean batches only: it measures the model, not the bad data.
+        clean = torch.tensor([0.0 if corrupted else loss.item(), 0.0 if corrupted else 1.0], dtype=torch.float64)
+        dist.all_reduce(clean)
+        if rank == 0:
+            record = _step_record(engine, settings, run, step, clean[0].item() / clean[1].item())
+            history.append(record)
+            if step % settings.log_interval == 0 or step == settings.steps - 1:
+                sink.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", norm=f"{record['grad_norm']:.2f}", refresh=False)
+                bar.update(1)
+    dist.barrier()
+    wall = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    if sink is not None:
+        sink.close()
+    del engine
+    return {"run": run, "history": history, "wall_s": wall, "world": world} if rank == 0 else {}
+
+
+def rank_main(settings: DemoSettings) -> dict[str, Any]:
+    """Both runs in this (already initialised) rank; rank 0 returns ``{run: result}``."""
+    torch.set_num_threads(1)
+    corpus = Corpus(settings.seed, settings.corpus_chars, settings.corpus_words, settings.corpus_fanout)
+    return {run: train_run(settings, run, corpus) for run in RUNS}
