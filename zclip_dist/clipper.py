@@ -22,7 +22,7 @@ from .graphs import GraphedUpdate, can_graph
 from .metrics import metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
 
-__all__ = ["Clipper", "AdaGCClipper", "agree", "STATE_FORMAT", "STATE_VERSION", "ADAGC_STATE_FORMAT"]
+__all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "STATE_FORMAT", "STATE_VERSION", "ADAGC_STATE_FORMAT"]
 
 logger = logging.getLogger("zclip_dist")
 
@@ -68,6 +68,17 @@ def agree(norm: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     packed = torch.stack([torch.where(bad, torch.zeros_like(value), value), bad.to(torch.float32)])
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     return torch.where(packed[1] > 0, torch.full_like(packed[0], float("nan")), packed[0])
+
+
+def host_value(tensor: Tensor) -> float:
+    """Read a value the clipper keeps in host memory (a CPU-resident state): no device synchronisation.
+
+    Engines whose norm is already a Python float (Megatron) run the statistics on the CPU and read the
+    decision through this function; it refuses accelerator tensors, so it can never hide a device sync.
+    """
+    if tensor.device.type != "cpu":
+        raise ValueError(f"host_value reads CPU tensors only, got one on {tensor.device}")
+    return tensor.item()
 
 
 def verify_identical(state: tuple[Tensor, ...], step: int) -> None:

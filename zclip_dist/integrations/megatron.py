@@ -9,9 +9,10 @@ The only module that touches megatron-core's private names. What it does (shared
 * The norm is Megatron's own ``get_grad_norm()`` (one pass, one ``.item()``, as stock); it is made
   identical on every rank with :func:`zclip_dist.clipper.agree` where Megatron's reduction does not
   already span the world (non-distributed optimizer with DP > 1, or dense and expert groups apart).
-* The coefficient is applied with one ``_foreach_mul_`` on the gradients
-  ``clip_grad_by_total_norm_fp32`` would scale, with the same value ``max_norm / (norm + 1e-6)`` but as
-  a device tensor, so deciding and applying read nothing on the host.
+* Megatron's norm is already a Python float (its one ``.item()``), so the ZClip statistics run on
+  the host (a CPU-resident :class:`~zclip_dist.clipper.Clipper`): no device sync, no kernel. The
+  decision's ``clip_to`` goes to Megatron's own ``clip_grad_by_total_norm_fp32`` as ``max_norm``, in
+  place of ``--clip-grad``: the same pass, multiplying only when clipping, as stock Megatron does.
 * A non-finite norm returns ``(False, norm, None)``: Megatron-LM skips the update and counts a skipped
   iteration; the statistics do not move. Megatron's norm is already a host float, so this branch
   costs no sync.
@@ -31,8 +32,13 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from ..clipper import Clipper, agree
+from ..clipper import Clipper, agree, host_value
 from ..config import ZClipConfig
+
+try:  # the module-level name stock ChainedOptimizer.step calls
+    from megatron.core.optimizer.optimizer import clip_grad_by_total_norm_fp32
+except ImportError:  # pragma: no cover - megatron-core is an optional extra
+    clip_grad_by_total_norm_fp32 = None
 
 __all__ = ["attach", "attached_optimizer", "is_attached", "clipper_of", "sub_optimizers", "fix_expert_tp_norm", "log_metrics",
            "core_version", "STATE_KEY", "LOG_METRICS"]
@@ -113,17 +119,6 @@ def _norm_group(optimizer: Any) -> dist.ProcessGroup | None:
     return dist.group.WORLD
 
 
-def _grads_to_scale(sub: Any) -> list[torch.Tensor]:
-    """The gradients ``clip_grad_by_total_norm_fp32`` scales for this sub-optimizer (clip_grads.py:138-177)."""
-    decoupled = getattr(sub.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
-    grads = []
-    for p in sub.get_parameters():
-        g = getattr(p, "decoupled_grad", None) if decoupled else p.grad
-        if g is not None:
-            grads.append(g.detach())
-    return grads
-
-
 def _device_of(optimizer: Any) -> torch.device:
     for sub in sub_optimizers(optimizer):
         if not getattr(sub, "is_stub_optimizer", False):
@@ -159,17 +154,22 @@ class _Overrides:
             raise FloatingPointError(
                 f"zclip: non-finite gradient norm ({grad_norm}); every rank "
                 "raises (nonfinite='raise'). Set --zclip-nonfinite skip to skip such steps.")
-        norm = agree(torch.full((), grad_norm, dtype=torch.float64, device=self._zclip_device), self._zclip_group)
-        decision = self.zclip.step(norm)  # statistics: exactly once per optimizer step
+        if self._zclip_group is not None:
+            # Replicas computed the norm separately (non-distributed optimizer with DP > 1): one scalar
+            # all-reduce and one read make it identical by construction. The only added sync, and only here.
+            grad_norm = float(agree(torch.full((), grad_norm, dtype=torch.float64, device=self._zclip_device),
+                                    self._zclip_group))
+        decision = self.zclip.step(torch.tensor(grad_norm, dtype=torch.float64))  # host state: exactly once
         if not finite and policy == "skip":
             return False, grad_norm, None  # Megatron-LM skips the LR step and counts a skipped iteration
-        if finite:
+        max_norm = host_value(decision.clip_to)  # +inf when not clipping
+        if finite and max_norm < math.inf:
             for sub in sub_optimizers(self):
-                if getattr(sub, "is_stub_optimizer", False):
+                if getattr(sub, "is_stub_optimizer", False) or not sub.get_parameters():
                     continue
-                grads = _grads_to_scale(sub)
-                if grads:
-                    torch._foreach_mul_(grads, decision.coef.to(device=grads[0].device, dtype=grads[0].dtype))
+                clip_grad_by_total_norm_fp32(
+                    sub.get_parameters(), max_norm=max_norm, total_norm=grad_norm,
+                    use_decoupled_grad=getattr(sub.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
         num_zeros = self.count_zeros() if getattr(self.config, "log_num_zeros_in_grad", False) else None
         update_successful = self.step_with_ready_grads()
         if hasattr(self, "allgather_params"):  # LayerWiseDistributedOptimizer (Muon)
@@ -236,7 +236,8 @@ def attach(optimizer: Any, config: ZClipConfig) -> Any:
     optimizer._zclip_group = _norm_group(optimizer)
     # "raise" is enforced above on the host float; the clipper itself would read its flag every step.
     inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
-    optimizer.zclip = Clipper(inner, device=optimizer._zclip_device)
+    # The norm arrives as a host float: the statistics live on the CPU, where reading them costs nothing.
+    optimizer.zclip = Clipper(inner, device="cpu")
     _ATTACHED[:] = [optimizer]
     return optimizer
 
