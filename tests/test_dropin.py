@@ -143,3 +143,28 @@ def test_state_dict_version_and_warmup_change():
         ZClip().load_state_dict(future)
     with pytest.warns(UserWarning, match="warmup_steps changed during warmup"):
         ZClip(warmup_steps=7).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("cls", ["ZClip", "AdaGC"])
+def test_fused_optimizer_skips_nonfinite_step_on_device(cls):
+    """With a fused optimizer the skip is the optimizer's own found_inf: no scrub pass, no sync, no update."""
+    import zclip_dist
+
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    clip = getattr(zclip_dist, cls)(warmup_steps=3, optimizer=opt)
+    for t, x, y in batches(8):
+        backward(model, x, y)
+        if t == 5:
+            model[0].weight.grad[0, 0] = math.nan
+            before = [p.detach().clone() for p in model.parameters()]
+            steps_before = [opt.state[p]["step"].clone() for p in model.parameters()]
+        with count_host_reads(fail=True):
+            clip.step(model)
+        opt.step()
+        if t == 5:
+            assert torch.isnan(model[0].weight.grad[0, 0])  # not scrubbed: the optimizer skipped instead
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+            assert all(torch.equal(opt.state[p]["step"], s) for p, s in zip(model.parameters(), steps_before))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model[0].weight, make_model()[0].weight)  # other steps did update

@@ -6,9 +6,12 @@ device, and no host synchronisation in ``step`` (under the default ``nonfinite="
 
 Cost per step: one read of every gradient for the norm (``torch._foreach_norm``), one scalar
 all-reduce, a dozen scalar ops, and one ``torch._foreach_mul_`` -- the work of
-``torch.nn.utils.clip_grad_norm_(foreach=True)``. Under ``nonfinite="skip"`` a ``nan_to_num_`` pass
-follows so that a NaN/Inf entry cannot reach the optimizer (a multiply cannot clear NaN, and deciding
-on the host whether to run the pass would be the sync this module avoids).
+``torch.nn.utils.clip_grad_norm_(foreach=True)``. Skipping a non-finite step (``nonfinite="skip"``)
+without a host sync needs the optimizer's help: given a fused optimizer (``AdamW(fused=True)`` and the
+other optimizers GradScaler drives on the device), ``ZClip(..., optimizer=opt)`` sets its
+``found_inf`` flag and the fused kernel skips the whole update on the device, at no cost. Otherwise a
+``nan_to_num_`` pass follows the scaling so that no NaN/Inf entry reaches the optimizer (a multiply
+cannot clear NaN, and deciding on the host whether to run the pass would be the sync avoided here).
 """
 
 from __future__ import annotations
@@ -35,6 +38,21 @@ class _DropIn:
     _norms: NormCalculator | None
     nonfinite: str
     clipper: Clipper | AdaGCClipper
+    optimizer: torch.optim.Optimizer | None
+
+    def _setup(self, nonfinite: str, topology: Topology | None, optimizer: torch.optim.Optimizer | None) -> None:
+        self.topology, self.nonfinite, self.optimizer = topology, nonfinite, optimizer
+        self._norms = None
+        # Fused optimizers take GradScaler's on-device skip flag; the others would assert on it.
+        self._optimizer_skips = (nonfinite == "skip" and optimizer is not None
+                                 and bool(getattr(optimizer, "_step_supports_amp_scaling", False)))
+
+    def _hand_over(self, grads: list[Tensor], coefs: Tensor, skipped: Tensor) -> None:
+        """Scale the gradients and arrange the skip of a non-finite step (see the module docstring)."""
+        if grads:
+            self._scale(grads, coefs)
+        if self._optimizer_skips:
+            self.optimizer.found_inf = skipped.to(torch.float32)  # read by the fused kernel, on the device
 
     # ---- introspection and checkpointing (the clipper's, with the engines' method names) ---------
     @property
@@ -78,7 +96,7 @@ class _DropIn:
                 part = coefs[start:start + len(ix)].to(device=first.device, dtype=first.dtype, non_blocking=True)
                 torch._foreach_mul_(group, list(part.unbind()))
             start += len(ix)
-            if self.nonfinite == "skip":
+            if self.nonfinite == "skip" and not self._optimizer_skips:
                 for g in group:
                     g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -94,21 +112,22 @@ class ZClip(_DropIn):
         topology: how gradients are sharded/replicated across ranks; guessed from the model when omitted
             (:meth:`Topology.for_parameters`).
         config: a ready :class:`ZClipConfig` instead of the individual settings.
+        optimizer: the optimizer stepped after ``step``; a fused one skips non-finite steps on the device
+            for free (otherwise the gradients are zeroed, NaN entries included).
     """
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, max_grad_norm: float | None = 1.0,
                  eps: float = 1e-6, warmup_steps: int = 25, mode: str = "zscore",
                  clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
                  skip_update_on_spike: bool = False, *, nonfinite: str = "skip",
-                 topology: Topology | None = None, config: ZClipConfig | None = None) -> None:
+                 topology: Topology | None = None, config: ZClipConfig | None = None,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
         self.config = config if config is not None else ZClipConfig(
             alpha=alpha, z_thresh=z_thresh, max_grad_norm=max_grad_norm, eps=eps, warmup_steps=warmup_steps,
             mode=mode, clip_option=clip_option, clip_factor=clip_factor,
             skip_update_on_spike=skip_update_on_spike, nonfinite=nonfinite)
         self.clipper = Clipper(self.config)
-        self.topology = topology
-        self.nonfinite = self.config.nonfinite
-        self._norms: NormCalculator | None = None
+        self._setup(self.config.nonfinite, topology, optimizer)
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self, model: nn.Module | Iterable[Tensor]) -> Tensor:
@@ -119,8 +138,7 @@ class ZClip(_DropIn):
         _, params, grads = self._gradients(model)
         norm, _ = self._norms(params, grads)
         decision = self.clipper.step(norm)
-        if grads:
-            self._scale(grads, decision.coef)
+        self._hand_over(grads, decision.coef, decision.skipped)
         return norm
 
     # Reference-compatible read-only views (they read the device state: not for the step path).
@@ -152,14 +170,12 @@ class AdaGC(_DropIn):
     def __init__(self, *, mode: str = "adagc", clip_ratio: float = 1.04, beta: float = 0.99,
                  warmup_steps: int = 100, max_grad_norm: float = 1.0, eps: float = 1e-6,
                  nonfinite: str = "skip", topology: Topology | None = None,
-                 config: AdaGCConfig | None = None) -> None:
+                 config: AdaGCConfig | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.config = config if config is not None else AdaGCConfig(
             mode=mode, clip_ratio=clip_ratio, beta=beta, warmup_steps=warmup_steps,
             max_grad_norm=max_grad_norm, eps=eps, nonfinite=nonfinite)
         self.clipper = AdaGCClipper(self.config)
-        self.topology = topology
-        self.nonfinite = self.config.nonfinite
-        self._norms: NormCalculator | None = None
+        self._setup(self.config.nonfinite, topology, optimizer)
 
     def step(self, model: nn.Module | Iterable[Tensor]) -> Tensor:
         """Clip in place; return the pre-clip global norm (0-d fp32 tensor)."""
@@ -168,6 +184,5 @@ class AdaGC(_DropIn):
         plan = self._norms.plan
         self.clipper.bind([names[i] for i in plan.order], plan.device)
         decision = self.clipper.step(full_sq, norm)
-        if grads:
-            self._scale(grads, decision.coefs)
+        self._hand_over(grads, decision.coefs, decision.skipped)
         return norm
