@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["ZClipConfig", "AdaGCConfig", "ConfigError", "NONFINITE_POLICIES"]
+__all__ = ["ZClipConfig", "AdaGCConfig", "ConfigError", "NONFINITE_POLICIES", "attribute_docs"]
 
 MODES = ("zscore", "percentile")
 CLIP_OPTIONS = ("adaptive_scaling", "mean")
@@ -197,3 +198,18 @@ class AdaGCConfig(_FromDict):
         check_choice(src, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
         if self.recovery_steps is not None:
             check_int(src, "recovery_steps", self.recovery_steps, low=1)
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Field -> its text in ``cls``'s "Attributes:" docstring section: help texts for every front end."""
+    out: dict[str, str] = {}
+    name = None
+    for line in (cls.__doc__ or "").splitlines():
+        m = re.match(r"^\s{8}(\w+): (.*)$", line)
+        if m:
+            name, out[m.group(1)] = m.group(1), m.group(2)
+        elif name and line.startswith(" " * 12):
+            out[name] += " " + line.strip()
+        else:
+            name = None
+    return {k: v.replace('``"', '"').replace('"``', '"').replace("``", "'") for k, v in out.items()}

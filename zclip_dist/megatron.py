@@ -22,7 +22,7 @@ import warnings
 from dataclasses import fields
 from typing import Any
 
-from .config import CLIP_OPTIONS, MODES, NONFINITE_POLICIES, ConfigError, ZClipConfig
+from .config import CLIP_OPTIONS, MODES, NONFINITE_POLICIES, ConfigError, ZClipConfig, attribute_docs
 from .integrations.megatron import LOG_METRICS, attach, attached_optimizer, clipper_of, log_metrics
 
 __all__ = ["add_arguments", "config_from_args", "wrap_optimizer", "enabled", "log_metrics", "clipper_of", "attached_optimizer",
@@ -49,17 +49,7 @@ _CHOICES = {"mode": MODES, "clip_option": CLIP_OPTIONS, "nonfinite": NONFINITE_P
 
 def _doc_help() -> dict[str, str]:
     """Help for fields without an entry above: their text in ``ZClipConfig``'s "Attributes:" docstring."""
-    out: dict[str, str] = {}
-    name = None
-    for line in (ZClipConfig.__doc__ or "").splitlines():
-        m = re.match(r"^\s{8}(\w+): (.*)$", line)
-        if m:
-            name, out[m.group(1)] = m.group(1), m.group(2)
-        elif name and line.startswith(" " * 12):
-            out[name] += " " + line.strip()
-        else:
-            name = None
-    return {k: v.replace("``", "'") for k, v in out.items()}
+    return attribute_docs(ZClipConfig)
 
 
 def flag_name(field: str) -> str:
