@@ -6,11 +6,13 @@ with a corrupted batch injected at a known step; a table, a PNG and JSONL metric
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from . import ranks, report
 from .settings import RUNS, SHORT, DemoSettings
+from .train import ds_config
 
 __all__ = ["DemoSettings", "SHORT", "run"]
 
@@ -19,7 +21,8 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     """Train both runs, then write the PNG, ``results.json`` and ``table.md`` into ``settings.out``.
 
     Returns ``{"table": str, "summaries": {...}, "outputs": {...}}``. The JSONL files are written while
-    training (``fixed.jsonl``, ``zclip.jsonl``, one line per ``log_interval`` steps).
+    training (``fixed.jsonl``, ``zclip.jsonl``, one line per ``log_interval`` steps); the DeepSpeed
+    configs of both runs are saved as ``ds_config.<run>.json``.
     """
     os.makedirs(settings.out, exist_ok=True)
     for run_name in RUNS:  # JsonlSink appends: a re-run into the same folder starts clean
@@ -31,6 +34,10 @@ def run(settings: DemoSettings) -> dict[str, Any]:
     summaries = {r: report.summarize(histories[r], settings, result[r]["wall_s"]) for r in RUNS}
     text = report.table(summaries, settings)
     outputs = {f"{r}_jsonl": os.path.join(settings.out, f"{r}.jsonl") for r in RUNS}
+    for r in RUNS:  # the exact DeepSpeed configs: `zclip-dist replay zclip.jsonl --ds-config ...` reuses them
+        outputs[f"{r}_ds_config"] = os.path.join(settings.out, f"ds_config.{r}.json")
+        with open(outputs[f"{r}_ds_config"], "w") as f:
+            json.dump(ds_config(settings, r), f, indent=2)
     outputs["png"] = report.plot(histories, settings, os.path.join(settings.out, "demo.png"))
     outputs["table"] = os.path.join(settings.out, "table.md")
     outputs["results"] = os.path.join(settings.out, "results.json")

@@ -21,11 +21,16 @@ import torch.multiprocessing as mp
 
 from .settings import DemoSettings
 
-__all__ = ["use_gpus", "spawn"]
+__all__ = ["use_gpus", "gpu_count", "spawn"]
 
 
 def use_gpus() -> bool:
+    """GPUs are used when present, unless ``DS_ACCELERATOR=cpu`` asks for simulated CPU ranks."""
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if use_gpus() else 0
 
 
 def _free_port() -> int:

@@ -24,8 +24,8 @@ class DemoSettings:
     this model (3e-3, no decay), which makes it fragile.
     """
 
-    steps: int = 400
-    spike_step: int = 250
+    steps: int = 500
+    spike_step: int = 300
     spike_rank: int = 1
     spike_weight: float = 100.0
     world: int = 4
@@ -70,4 +70,4 @@ class DemoSettings:
 
 
 #: CI's short mode: same scenario, fewer steps.
-SHORT = {"steps": 90, "spike_step": 60}
+SHORT = {"steps": 200, "spike_step": 150}

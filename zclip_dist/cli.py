@@ -1,0 +1,282 @@
+"""``zclip-dist``: the demo, offline replay of a gradient-norm trace, and where to go next.
+
+Every error a user can cause (a bad file, a bad value) ends the command with one line on stderr and
+exit status 2; a bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+from typing import Any, NoReturn, Sequence
+
+from .config import CLIP_OPTIONS, MODES, AdaGCConfig, ConfigError, ZClipConfig, attribute_docs
+
+__all__ = ["main", "build_parser"]
+
+PROG = "zclip-dist"
+_NONE = ("none", "off")
+
+
+class UsageError(Exception):
+    """Ends the command with its message on one line and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of argparse's usage block
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+_Formatter = argparse.RawDescriptionHelpFormatter
+
+
+# ---- settings flags generated from the config dataclasses ---------------------------------------
+def _number_or_none(text: str) -> float | None:
+    if text.strip().lower() in _NONE:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+
+
+def _int_or_none(text: str) -> int | None:
+    if text.strip().lower() in _NONE:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'none'") from None
+
+
+_CHOICES = {"mode": MODES, "clip_option": CLIP_OPTIONS}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str, title: str,
+                      skip: Sequence[str] = ()) -> None:
+    """``--<prefix>-<field>`` for every field of ``cls``; defaults stay None so given values are known."""
+    docs = attribute_docs(cls)
+    group = parser.add_argument_group(title)
+    for f in fields(cls):
+        if f.name.startswith("_") or f.name in skip:
+            continue
+        kind = str(f.type)
+        kwargs: dict[str, Any] = {"default": None, "dest": f"{prefix}_{f.name}",
+                                  "help": f"{docs.get(f.name, f.name)} (default {f.default!r})"}
+        if f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
+        elif "bool" in kind:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "None" in kind:
+            kwargs["type"] = _int_or_none if "int" in kind else _number_or_none
+            kwargs["metavar"] = "N|none"
+        elif "int" in kind:
+            kwargs["type"], kwargs["metavar"] = int, "N"
+        elif "float" in kind:
+            kwargs["type"], kwargs["metavar"] = float, "X"
+        group.add_argument(f"--{prefix}-{f.name.replace('_', '-')}", **kwargs)
+
+
+def _given(args: argparse.Namespace, cls: type, prefix: str) -> dict[str, Any]:
+    return {f.name: getattr(args, f"{prefix}_{f.name}") for f in fields(cls)
+            if not f.name.startswith("_") and getattr(args, f"{prefix}_{f.name}", None) is not None}
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+DEMO_HELP = """\
+Train a small GPT with DeepSpeed twice from the same seed -- fixed clipping (gradient_clipping) vs
+ZClip -- on simulated ranks (gloo, CPU) or on this machine's GPUs (NCCL), with a corrupted batch
+injected on one rank at a known step; print a side-by-side table and write a PNG, JSONL metrics
+and results.json.
+
+The spike: at --spike-step the batch of --spike-rank has every target replaced by one character and
+its loss weighted x100 (a broken loss mask or sample weight); the learning rate (3e-3, no decay) is
+aggressive for this model. Both runs have the same ceiling (--clip, DeepSpeed gradient_clipping; ZClip
+takes it as its cap), set about 5x above the typical norm as 1.0 is for LLM pretraining.
+
+Outputs in --out: demo.png, table.md, results.json, fixed.jsonl, zclip.jsonl (one line per
+--log-interval steps), ds_config.fixed.json and ds_config.zclip.json (replay a run's trace with
+`zclip-dist replay OUT/zclip.jsonl --ds-config OUT/ds_config.zclip.json`)."""
+
+
+def _add_demo(sub: Any) -> None:
+    from .demo.settings import SHORT, DemoSettings
+
+    d = DemoSettings()
+    p = sub.add_parser("demo", help="fixed clipping vs ZClip on a small GPT with an injected loss spike",
+                       description=DEMO_HELP, formatter_class=_Formatter)
+    p.add_argument("--short", action="store_true",
+                   help=f"CI mode: {SHORT['steps']} steps, spike at step {SHORT['spike_step']} (about a minute)")
+    p.add_argument("--steps", type=int, metavar="N", default=None, help=f"optimizer steps per run (default {d.steps})")
+    p.add_argument("--spike-step", type=int, metavar="N", default=None,
+                   help=f"0-based step whose batch is corrupted (default {d.spike_step})")
+    p.add_argument("--spike-rank", type=int, metavar="R", default=d.spike_rank, help="rank whose batch is corrupted (default %(default)s)")
+    p.add_argument("--world", type=int, metavar="N", default=None,
+                   help=f"ranks (default: {d.world} simulated CPU ranks, or one per GPU when GPUs are present)")
+    p.add_argument("--clip", type=float, metavar="X", default=d.clip, help="gradient_clipping of both runs, ZClip's cap (default %(default)s)")
+    p.add_argument("--lr", type=float, metavar="X", default=d.lr, help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage, help="DeepSpeed ZeRO stage (default %(default)s)")
+    p.add_argument("--seed", type=int, metavar="N", default=d.seed, help="seed of the corpus, the model and the batches (default %(default)s)")
+    p.add_argument("--log-interval", type=int, metavar="N", default=d.log_interval, help="write a JSONL line every N steps (default %(default)s)")
+    p.add_argument("--out", metavar="DIR", default=d.out, help="output folder (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(p, ZClipConfig, "zclip", "ZClip settings of the ZClip run",
+                      skip=("max_grad_norm", "nonfinite", "verify_every"))
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    from .demo.ranks import gpu_count
+
+    base = demo.DemoSettings()
+    steps = args.steps if args.steps is not None else (demo.SHORT["steps"] if args.short else base.steps)
+    spike = args.spike_step if args.spike_step is not None else (
+        demo.SHORT["spike_step"] if args.short else base.spike_step)
+    world = args.world if args.world is not None else (gpu_count() or base.world)
+    zclip = {**base.zclip, **_given(args, ZClipConfig, "zclip")}
+    try:
+        ZClipConfig.from_dict({**zclip, "max_grad_norm": args.clip})  # fail before starting ranks
+        settings = base.replace(steps=steps, spike_step=spike, spike_rank=args.spike_rank, world=world,
+                                clip=args.clip, lr=args.lr, zero_stage=args.zero_stage, seed=args.seed,
+                                log_interval=args.log_interval, out=args.out, progress=not args.no_progress,
+                                zclip=zclip)
+    except (ValueError, ConfigError) as e:
+        raise UsageError(f"{PROG} demo: {e}") from None
+    print(f"{PROG} demo: GPT on {world} {'GPU' if gpu_count() else 'simulated CPU'} ranks, {steps} steps per run, "
+          f"corrupted batch on rank {settings.spike_rank} at step {spike}", file=sys.stderr)
+    start = time.perf_counter()
+    result = demo.run(settings)
+    print(result["table"])
+    print(f"\nwrote {', '.join(result['outputs'].values())}  ({time.perf_counter() - start:.0f} s in all)")
+    return 0
+
+
+# ---- replay -------------------------------------------------------------------------------------
+REPLAY_HELP = """\
+Read a gradient-norm trace and simulate ZClip (any settings) and AdaGC-global on it: print which
+steps each would clip and by how much, and write a PNG. Tune alpha and z_thresh on a past run
+without a GPU.
+
+TRACE is one of
+  * JSONL, one object per step (zclip-dist demo, JsonlSink): key 'grad_norm' (or --field);
+  * CSV/TSV with a header: a column named grad_norm / grad-norm / ... (or --field), step column
+    'step' or 'iteration' when present;
+  * TensorBoard event files (a file or a folder): DeepSpeed's monitor with ZClip attached writes
+    'Train/zclip/grad_norm', Megatron writes 'grad-norm' (or --field TAG).
+The format follows the name (.jsonl/.json, .csv/.tsv, *tfevents* or a folder) unless --format is given.
+
+Settings: --ds-config reads the "zclip" entry and gradient_clipping of a DeepSpeed config (as
+training does); --zclip-* flags override it. A trace logged at every step of a run replays that run's
+decisions exactly; with a log interval > 1 the simulation sees only the logged steps."""
+
+
+def _add_replay(sub: Any) -> None:
+    p = sub.add_parser("replay", help="simulate ZClip and AdaGC-global on a logged gradient-norm trace",
+                       description=REPLAY_HELP, formatter_class=_Formatter)
+    p.add_argument("trace", metavar="TRACE", help="JSONL, CSV or TensorBoard event file/folder")
+    p.add_argument("--format", choices=("auto", "jsonl", "csv", "tensorboard"), default="auto", help="trace format (default %(default)s)")
+    p.add_argument("--field", metavar="NAME", default=None, help="JSONL key, CSV column or TensorBoard tag of the norm")
+    p.add_argument("--run", metavar="NAME", default=None, help="JSONL: only records whose 'run' is this (e.g. zclip)")
+    p.add_argument("--ds-config", default=None, metavar="JSON",
+                   help="DeepSpeed config whose \"zclip\" entry and gradient_clipping give the ZClip settings")
+    p.add_argument("--no-adagc", action="store_true", help="simulate ZClip only")
+    p.add_argument("--png", metavar="PNG", default=None, help="PNG to write (default: <trace name>.replay.png here)")
+    p.add_argument("--no-png", action="store_true", help="write no PNG")
+    p.add_argument("--csv-out", default=None, metavar="CSV", help="write every step's decisions here")
+    p.add_argument("--show", type=int, metavar="N", default=20, help="clipped steps to list per method (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on long traces")
+    _add_config_flags(p, ZClipConfig, "zclip", "ZClip settings (default: the reference package's)",
+                      skip=("nonfinite", "verify_every"))
+    _add_config_flags(p, AdaGCConfig, "adagc", "AdaGC-global settings (default: the official patch's)",
+                      skip=("mode", "nonfinite"))
+    p.set_defaults(func=_run_replay)
+
+
+def _zclip_config(args: argparse.Namespace) -> ZClipConfig:
+    given = _given(args, ZClipConfig, "zclip")
+    if args.ds_config is None:
+        return ZClipConfig.from_dict(given)
+    from .integrations.deepspeed import resolve_config
+
+    try:
+        with open(args.ds_config) as f:
+            ds = json.load(f)
+    except OSError as e:
+        raise UsageError(f"{args.ds_config}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{args.ds_config}: not JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(ds, dict):
+        raise UsageError(f"{args.ds_config}: expected a JSON object (a DeepSpeed config)")
+    entry = dict(ds.get("zclip") or {}, enabled=True)
+    entry.update(given)
+    return resolve_config({**ds, "zclip": entry})
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from . import replay as rp
+
+    if args.show < 0:
+        raise UsageError(f"{PROG} replay: --show must be >= 0")
+    zcfg = _zclip_config(args)
+    acfg = None if args.no_adagc else AdaGCConfig.from_dict({"mode": "adagc-global", **_given(args, AdaGCConfig, "adagc")})
+    trace = rp.read_trace(args.trace, args.format, args.field, args.run)
+    result = rp.replay(trace, zcfg, acfg, progress=not args.no_progress)
+    print(rp.report(result, args.show))
+    if args.csv_out:
+        rp.write_csv(result, args.csv_out)
+        print(f"wrote {args.csv_out}")
+    if not args.no_png:
+        png = args.png or os.path.basename(os.path.normpath(args.trace)) + ".replay.png"
+        print(f"wrote {rp.plot(result, png)}")
+    return 0
+
+
+# ---- entry point --------------------------------------------------------------------------------
+MAIN_HELP = """\
+ZClip adaptive gradient clipping for DeepSpeed, Megatron and PyTorch, exact under TP/PP/DP/EP.
+
+  zclip-dist demo            fixed clipping vs ZClip on a small GPT with an injected loss spike
+  zclip-dist demo --short    the same in about a minute (CI)
+  zclip-dist replay TRACE    what ZClip / AdaGC-global would clip on a logged gradient-norm trace
+
+Use in training: a "zclip" entry in a DeepSpeed config with zclip_dist.deepspeed.initialize (or
+`deepspeed --module zclip_dist.launch train.py`), --zclip flags for Megatron, ZClip(...).step(model)
+in plain PyTorch. Run `zclip-dist COMMAND --help` for each command's options."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_demo(sub)
+    _add_replay(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .replay import TraceError
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return args.func(args)
+    except (UsageError, TraceError, ConfigError) as e:
+        print(f"{PROG}: error: {e}" if not str(e).startswith(PROG) else f"{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
