@@ -26,13 +26,13 @@ def test_defaults_equal_reference():
 
 @pytest.mark.parametrize("key,value,allowed", [
     ("alpha", 1.0, "(0, 1)"), ("alpha", 0, "(0, 1)"), ("alpha", "0.9", "(0, 1)"), ("alpha", float("nan"), "(0, 1)"),
-    ("z_thresh", -1.0, "(0, inf]"), ("z_thresh", True, "(0, inf]"),
-    ("max_grad_norm", 0.0, "(0, inf]"), ("max_grad_norm", "1.0", "(0, inf]"),
-    ("eps", -1e-6, "[0, inf]"),
+    ("z_thresh", -1.0, "(0, inf)"), ("z_thresh", True, "(0, inf)"),
+    ("max_grad_norm", 0.0, "(0, inf)"), ("max_grad_norm", "1.0", "(0, inf)"),
+    ("eps", -1e-6, "[0, inf)"),
     ("warmup_steps", 0, "integer >= 1"), ("warmup_steps", 2.5, "integer >= 1"),
     ("mode", "ZScore", "'zscore', 'percentile'"), ("mode", "median", "'zscore', 'percentile'"),
     ("clip_option", "Mean", "'adaptive_scaling', 'mean'"),
-    ("clip_factor", 0.0, "(0, inf]"),
+    ("clip_factor", 0.0, "(0, inf)"),
     ("skip_update_on_spike", "yes", "true or false"),
     ("nonfinite", "ignore", "'skip', 'raise', 'propagate'"),
     ("recovery_steps", 0, "integer >= 1"), ("recovery_steps", 2.0, "integer >= 1"),

@@ -37,9 +37,11 @@ def _is_real(value: Any) -> bool:
 def check_real(source: str, key: str, value: Any, *, low: float, high: float = math.inf,
                low_open: bool = False, high_open: bool = False) -> None:
     """Fail unless ``value`` is a finite real number in the given interval."""
-    lo_s, hi_s = ("(" if low_open else "["), (")" if high_open else "]")
+    lo_s, hi_s = ("(" if low_open else "["), (")" if high_open or math.isinf(high) else "]")
     allowed = f"a number in {lo_s}{low:g}, {high:g}{hi_s}"
-    if not _is_real(value) or math.isnan(value):
+    # inf passes every range test below but is no setting: eps=inf silences every spike, max_grad_norm=inf
+    # hides the documented null (no cap), clip_ratio=inf turns AdaGC off.
+    if not _is_real(value) or not math.isfinite(value):
         _fail(source, key, value, allowed)
     if value < low or (low_open and value == low) or value > high or (high_open and value == high):
         _fail(source, key, value, allowed)
