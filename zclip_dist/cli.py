@@ -35,18 +35,21 @@ _Formatter = argparse.RawDescriptionHelpFormatter
 
 
 # ---- settings flags generated from the config dataclasses ---------------------------------------
-def _number_or_none(text: str) -> float | None:
+_OFF = "none"  # parsed 'none': an explicit None, unlike the flag's default (not given)
+
+
+def _number_or_none(text: str) -> float | str:
     if text.strip().lower() in _NONE:
-        return None
+        return _OFF
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
 
 
-def _int_or_none(text: str) -> int | None:
+def _int_or_none(text: str) -> int | str:
     if text.strip().lower() in _NONE:
-        return None
+        return _OFF
     try:
         return int(text)
     except ValueError:
@@ -82,8 +85,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str, t
 
 
 def _given(args: argparse.Namespace, cls: type, prefix: str) -> dict[str, Any]:
-    return {f.name: getattr(args, f"{prefix}_{f.name}") for f in fields(cls)
-            if not f.name.startswith("_") and getattr(args, f"{prefix}_{f.name}", None) is not None}
+    given = {f.name: getattr(args, f"{prefix}_{f.name}", None) for f in fields(cls) if not f.name.startswith("_")}
+    return {k: (None if v == _OFF else v) for k, v in given.items() if v is not None}
 
 
 # ---- demo ---------------------------------------------------------------------------------------
