@@ -55,9 +55,9 @@ def batch(case: Case, step: int, dp_rank: int, micro: int) -> tuple[torch.Tensor
 
 
 # ---- models ---------------------------------------------------------------------------------------
-def mlp() -> nn.Sequential:
+def mlp(hidden: int = 8) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+    return nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 4))
 
 
 def mlp_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -293,3 +293,184 @@ def call_in_rank(rank: int, world_size: int, fn, *args):
         return fn(rank, world_size, *args)
     finally:
         finish_rank()
+
+
+# ---- AdaGC: the gradient every rank's optimizer applies, per tensor -------------------------------------
+@dataclass
+class AdaGCCase:
+    """One AdaGC run. Spikes and NaNs are written into single tensors' gradients on single ranks by a
+    tensor hook (before DeepSpeed's DP reduction), so the oracle knows every rank's contribution."""
+
+    name: str
+    ds: dict[str, Any]
+    adagc: dict[str, Any]
+    gradient_clipping: float
+    steps: int
+    lr: float = 0.05
+    dp: int = 2
+    hidden: int = 7  # 67 elements: ZeRO partitions end in padding on the last rank
+    bf16: bool = False
+    spikes: dict[tuple[int, int, str], float] = field(default_factory=dict)  # (step, rank, name) -> factor
+    nan: tuple[int, int, str] | None = None  # (step, rank, name) whose gradient gets a NaN
+    ckpt_dir: str | None = None
+    save_at: int | None = None  # save after this many steps; with resume: load there and go on
+    resume: bool = False
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps (param, weight, gradient) of every parameter it updates: the gradient DeepSpeed
+    hands the optimizer after clipping, in whatever form the engine keeps it (flat ZeRO partitions)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.seen.append((p, p.detach().float().clone(), p.grad.detach().float().clone()))
+        return super().step(closure)
+
+    def take(self):
+        seen, self.seen = self.seen, []
+        return seen
+
+
+def _pieces_by_name(engine, seen) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """(start in the flattened tensor, weight piece, gradient piece) per parameter name, located through
+    DeepSpeed's public mappings: ZeRO-1/2 ``_hp_mapping`` fragments, ZeRO-3 ``grad_position`` and the
+    rank's partition, FP16_Unfused master copies, or the module parameters themselves."""
+    import torch.distributed as dist
+
+    opt = engine.optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    by_id = {id(p): (w.reshape(-1), g.reshape(-1)) for p, w, g in seen}
+    out: dict[str, list] = {}
+    stage = engine.zero_optimization_stage()
+    if stage in (1, 2):
+        for i, group in enumerate(opt.bit16_groups):
+            flat = by_id.get(id(opt.single_partition_of_fp32_groups[i]))
+            for lp in group:
+                frag = getattr(lp, "_hp_mapping", None)
+                if flat is None or frag is None:
+                    continue
+                hp, lp_addr = frag.hp_fragment_address, frag.lp_fragment_address
+                out.setdefault(names[id(lp)], []).append(
+                    (lp_addr.start, *(t.narrow(0, hp.start, hp.numel) for t in flat)))
+    elif stage == 3:
+        rank = dist.get_rank(group=opt.dp_process_group)
+        for i, group in enumerate(opt.fp16_groups):
+            flat = by_id.get(id(opt.fp32_partitioned_groups_flat[i]))
+            for lp in group:
+                _, offset, numel = opt.grad_position[opt.get_param_id(lp)]
+                start = rank * lp.partition_numel()
+                real = max(0, min(numel, lp.ds_numel - start))  # the last rank's partition is padded
+                if flat is not None and real:
+                    out.setdefault(names[id(lp)], []).append((start, *(t.narrow(0, offset, real) for t in flat)))
+    else:
+        masters = {}
+        if hasattr(opt, "fp32_groups"):  # FP16_UnfusedOptimizer: fp32 master copies of the module params
+            masters = {id(hi): names[id(lo)] for los, his in zip(opt.fp16_groups, opt.fp32_groups)
+                       for lo, hi in zip(los, his)}
+        for p, (w, g) in by_id.items():
+            out.setdefault(masters.get(p, names.get(p)), []).append((0, w, g))
+    return out
+
+
+def _spike_hooks(engine, case: AdaGCCase, rank: int, clock: list[int]) -> None:
+    def make(name):
+        def hook(grad):
+            step = clock[0]
+            factor = case.spikes.get((step, rank, name))
+            if factor is not None:
+                grad = grad * factor
+            if case.nan == (step, rank, name):
+                grad = grad.clone()
+                grad.view(-1)[0] = float("nan")
+            return grad
+
+        return hook
+
+    for name, p in engine.module.named_parameters():
+        p.register_hook(make(name))
+
+
+def adagc_config(case: AdaGCCase) -> dict[str, Any]:
+    cfg = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
+           "train_batch_size": BATCH * case.dp, "steps_per_print": 10**6,
+           "gradient_clipping": case.gradient_clipping, "zero_allow_untested_optimizer": True, **case.ds}
+    if case.bf16:
+        cfg["bf16"] = {"enabled": True}
+    if case.adagc is not None:
+        cfg["adagc"] = case.adagc
+    return cfg
+
+
+def adagc_batch(step: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7919 * step + dp_rank)
+    return torch.randn(BATCH, 4, generator=g), torch.randn(BATCH, 4, generator=g)
+
+
+def run_adagc_case(case: AdaGCCase, rank: int) -> dict[str, Any]:
+    """Train through ``zclip_dist.deepspeed.initialize``; per step: the applied pieces by name (None when
+    the step was skipped) and gamma. Resumed runs load ``ckpt_dir`` and start at ``save_at``."""
+    from zclip_dist import deepspeed as zds
+
+    model = mlp(case.hidden)
+    optimizer = RecordingSGD(model.parameters(), lr=case.lr)
+    engine, *_ = zds.initialize(model=model, optimizer=optimizer, config=adagc_config(case))
+    clock = [0]
+    _spike_hooks(engine, case, rank, clock)
+    start = 0
+    if case.resume:
+        engine.load_checkpoint(case.ckpt_dir)
+        start = case.save_at
+    dtype = torch.bfloat16 if case.bf16 else torch.float32
+    applied, gammas = [], []
+    for step in range(start, case.steps):
+        clock[0] = step
+        x, y = (t.to(dtype) for t in adagc_batch(step, rank))
+        engine.backward(F.mse_loss(engine(x), y))
+        engine.step()
+        seen = optimizer.take()  # DeepSpeed steps the client optimizer itself (flat partitions under ZeRO)
+        applied.append(_pieces_by_name(engine, seen) if seen else None)
+        gammas.append(engine._zclip.clipper.state.gamma.tolist())
+        if case.save_at == step + 1 and not case.resume:
+            engine.save_checkpoint(case.ckpt_dir)
+    hook = engine._zclip
+    return {"applied": applied, "gammas": gammas, "names": list(hook.clipper.names), "rank": rank,
+            "optimizer": type(engine.optimizer).__name__, "skipped_steps": engine.skipped_steps,
+            "state": hook.state_dict()}
+
+
+def assemble(per_rank: list[dict[str, list]], shapes: dict[str, torch.Size]) -> dict[str, tuple]:
+    """Full (weight, gradient) per tensor from every rank's pieces; each element must be covered, and
+    overlapping pieces (replicas) must agree exactly."""
+    out = {}
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        w, g, hit = torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+        for pieces in per_rank:
+            for start, wp, gp in pieces.get(name, []):
+                sl = slice(start, start + wp.numel())
+                if hit[sl].any():
+                    assert torch.equal(g[sl], gp) and torch.equal(w[sl], wp), f"{name}: ranks disagree"
+                w[sl], g[sl], hit[sl] = wp, gp, True
+        assert hit.all(), f"{name}: elements no rank applied"
+        out[name] = (w.reshape(shape), g.reshape(shape))
+    return out
+
+
+def adagc_oracle_grads(case: AdaGCCase, step: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full-model gradient DeepSpeed reduces at ``weights``: the mean over DP ranks of each rank's
+    gradient, with that rank's injected spikes."""
+    total = {k: torch.zeros_like(v) for k, v in weights.items()}
+    for d in range(case.dp):
+        params = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
+        x, y = adagc_batch(step, d)
+        F.mse_loss(mlp_forward(params, x), y).backward()
+        for k, p in params.items():
+            total[k] += p.grad * case.spikes.get((step, d, k), 1.0)
+    return {k: v / case.dp for k, v in total.items()}

@@ -1,4 +1,5 @@
-"""Run an unchanged DeepSpeed training script with ZClip: ``deepspeed.initialize`` gets the ``"zclip"`` entry.
+"""Run an unchanged DeepSpeed training script with ZClip or AdaGC: ``deepspeed.initialize`` attaches the
+method named by the config's ``"zclip"`` or ``"adagc"`` entry.
 
     deepspeed --module zclip_dist.launch train.py [script args]
     torchrun --nproc_per_node N -m zclip_dist.launch train.py [script args]
@@ -6,7 +7,7 @@
 
 The script runs as ``__main__`` with ``sys.argv`` as if started directly. DeepSpeed's launcher puts
 ``--local_rank=N`` before the script name; it is moved behind it, where the script would have seen it.
-Configs without a ``"zclip"`` entry train exactly as before.
+Configs with neither entry train exactly as before.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["install", "main"]
 
 
 def install() -> None:
-    """Make ``deepspeed.initialize`` attach ZClip (idempotent). Scripts that did
+    """Make ``deepspeed.initialize`` attach ZClip / AdaGC (idempotent). Scripts that did
     ``from deepspeed import initialize`` before this call keep the original."""
     deepspeed.initialize = zclip_deepspeed.initialize
 
