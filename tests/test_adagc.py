@@ -187,7 +187,7 @@ def test_resume_by_name_equals_uninterrupted_run():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"adagc\.clip_ratio = 0\.9 .*\[1, inf\]"):
+    with pytest.raises(ConfigError, match=r"adagc\.clip_ratio = 0\.9 .*\[1, inf\)"):
         AdaGCConfig(clip_ratio=0.9)
     with pytest.raises(ConfigError, match=r"adagc\.mode = 'AdaGC' .*'adagc', 'adagc-global'"):
         AdaGCConfig(mode="AdaGC")
