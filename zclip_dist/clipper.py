@@ -8,6 +8,7 @@ checkpoints it, and enforces the non-finite policy.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from typing import Any, Mapping, Sequence
@@ -17,12 +18,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .adagc import AdaGCDecision, AdaGCState, adagc_update, init_adagc_state
-from .config import AdaGCConfig, ZClipConfig
+from .config import AdaGCConfig, ConfigError, ZClipConfig
 from .graphs import GraphedUpdate, can_graph
 from .metrics import metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
 
-__all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "STATE_FORMAT", "STATE_VERSION", "ADAGC_STATE_FORMAT"]
+__all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "verify_identical", "verify_same_config", "STATE_FORMAT",
+           "STATE_VERSION", "ADAGC_STATE_FORMAT"]
 
 logger = logging.getLogger("zclip_dist")
 
@@ -99,6 +101,61 @@ def verify_identical(state: tuple[Tensor, ...], step: int) -> None:
                            f"rank 0 (verify_every); the gradient norm is not identical on every rank")
 
 
+def _settings(config: ZClipConfig | AdaGCConfig) -> dict[str, Any]:
+    return {"method": type(config).__name__, **config.to_dict()}
+
+
+def _fingerprint(config: ZClipConfig | AdaGCConfig) -> Tensor:
+    """63 bits of a digest of the settings: equal settings give equal bits in every process (no ``hash()``
+    salt), and an int64 travels over every backend."""
+    digest = hashlib.blake2b(repr(sorted(_settings(config).items())).encode(), digest_size=8).digest()
+    return torch.tensor(int.from_bytes(digest, "little") >> 1, dtype=torch.int64)
+
+
+_HOST_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def _host_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """``group`` if its backend moves CPU tensors, else a gloo twin (made once, by its own ranks only)."""
+    if "gloo" in str(dist.get_backend(group)):
+        return group
+    ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+    if ranks not in _HOST_GROUPS:
+        _HOST_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    return _HOST_GROUPS[ranks]
+
+
+def verify_same_config(config: ZClipConfig | AdaGCConfig, group: dist.ProcessGroup | None = None) -> None:
+    """Raise on every rank of ``group`` (default WORLD) if any rank's settings differ, naming ranks and keys.
+
+    Different settings on one rank mean different decisions there (or a collective such as verify_every
+    that only some ranks enter: a hang), so the front ends call this once, before the first update. Cost:
+    one all-gather of 8 bytes per rank, in host memory (a gloo group), compared with ``torch.equal``: no
+    device sync and no host read of a tensor, so the drop-in's first step stays sync-free. The settings
+    themselves travel only when the digests differ.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    group = _host_group(group)
+    mine = _fingerprint(config)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    if torch.equal(torch.stack(everyone), mine.expand(len(everyone))):
+        return
+    settings: list[Any] = [None] * len(everyone)
+    dist.all_gather_object(settings, _settings(config), group=group)
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    differ = []
+    for key in sorted({k for s in settings for k in s}):
+        by_value: dict[str, list[int]] = {}
+        for rank, s in zip(ranks, settings):
+            by_value.setdefault(repr(s.get(key)), []).append(rank)
+        if len(by_value) > 1:
+            differ.append(f"{key}: " + ", ".join(f"{v} on rank(s) {r}" for v, r in by_value.items()))
+    raise ConfigError("zclip_dist: settings differ between ranks (every rank must use the same ones): "
+                      + "; ".join(differ))
+
+
 class Clipper:
     """ZClip state plus the per-step decision.
 
@@ -115,6 +172,10 @@ class Clipper:
         self.cuda_graph = cuda_graph
         self._graph: GraphedUpdate | None = None
         self._calls = 0  # host-side step count, for verify_every (reading state.steps would sync)
+        # verify_same_config before the first update, over this group (None: WORLD); front ends that
+        # check at attach, or whose clipper is local to one rank, set check_config = False.
+        self.check_config = True
+        self.config_group: dist.ProcessGroup | None = None
 
     def _update(self, norm: Tensor) -> ZClipDecision:
         new_state, decision = zclip_update(self.config, self.state, norm)
@@ -136,6 +197,9 @@ class Clipper:
             self.state = ZClipState(*(t.to(norm.device) for t in self.state))
             self._graph = None
         norm = norm.detach().to(self.state.mean.device)
+        if self.check_config:
+            verify_same_config(self.config, self.config_group)
+            self.check_config = False
         if self._graph is None and self.cuda_graph and can_graph(norm.device):
             self._graph = GraphedUpdate(self._update, [norm])
         self.last = self._graph(norm) if self._graph is not None and can_graph(norm.device) else self._update(norm)
@@ -211,6 +275,8 @@ class AdaGCClipper:
         self._saved: dict[str, Any] | None = None
         self.cuda_graph = cuda_graph
         self._graph: GraphedUpdate | None = None
+        self.check_config = True  # as for Clipper
+        self.config_group: dist.ProcessGroup | None = None
 
     def bind(self, names: Sequence[str], device: torch.device) -> None:
         """Fix the tensor order of the per-tensor vectors; carry gamma over by name when it changes.
@@ -255,6 +321,9 @@ class AdaGCClipper:
 
     def step(self, sq_norms: Tensor, global_norm: Tensor) -> AdaGCDecision:
         """Feed the whole-tensor squared norms (bound order) and the global norm; update gamma once."""
+        if self.check_config:
+            verify_same_config(self.config, self.config_group)
+            self.check_config = False
         if self._graph is None and self.cuda_graph and can_graph(sq_norms.device):
             self._graph = GraphedUpdate(self._update, [sq_norms, global_norm])
         graphed = self._graph is not None and can_graph(sq_norms.device)

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from ..clipper import Clipper, agree, host_value
+from ..clipper import Clipper, agree, host_value, verify_same_config
 from ..config import ZClipConfig
 
 try:  # the module-level name stock ChainedOptimizer.step calls
@@ -238,6 +238,9 @@ def attach(optimizer: Any, config: ZClipConfig) -> Any:
     inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
     # The norm arrives as a host float: the statistics live on the CPU, where reading them costs nothing.
     optimizer.zclip = Clipper(inner, device="cpu")
+    # Every rank attaches: a rank with other settings fails here, before the first step.
+    verify_same_config(config)
+    optimizer.zclip.check_config = False
     _ATTACHED[:] = [optimizer]
     return optimizer
 

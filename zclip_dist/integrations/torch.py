@@ -80,6 +80,9 @@ class _DropIn:
         if self._norms is None:
             self.topology = self.topology or Topology.for_parameters(params, model if isinstance(model, nn.Module) else None)
             self._norms = NormCalculator(self.topology, device=params[0].grad.device if params else None)
+            # The settings must agree over the ranks this clipper spans; a local clipper spans none.
+            self.clipper.config_group = self.topology.group
+            self.clipper.check_config = self.topology.group is not None
         return names, params, [local_tensor(p.grad) for p in params]
 
     def _scale(self, grads: list[Tensor], coefs: Tensor) -> None:
