@@ -315,6 +315,7 @@ class AdaGCCase:
     ckpt_dir: str | None = None
     save_at: int | None = None  # save after this many steps; with resume: load there and go on
     resume: bool = False
+    module_only: bool = False  # resume with load_module_only (another DP size: ZeRO partitions differ)
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -425,7 +426,7 @@ def run_adagc_case(case: AdaGCCase, rank: int) -> dict[str, Any]:
     _spike_hooks(engine, case, rank, clock)
     start = 0
     if case.resume:
-        engine.load_checkpoint(case.ckpt_dir)
+        engine.load_checkpoint(case.ckpt_dir, load_module_only=case.module_only)
         start = case.save_at
     dtype = torch.bfloat16 if case.bf16 else torch.float32
     applied, gammas = [], []

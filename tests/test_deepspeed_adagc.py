@@ -30,6 +30,7 @@ SAVE_AT = 130
 PATHS = {
     "zero0_fp32": ({}, False, "RecordingSGD"),
     "zero0_bf16": ({}, True, "FP16_UnfusedOptimizer"),
+    "zero1_fp32": ({"zero_optimization": {"stage": 1}}, False, "DeepSpeedZeroOptimizer"),
     "zero2_fp32": ({"zero_optimization": {"stage": 2}}, False, "DeepSpeedZeroOptimizer"),
     "zero3_fp32": ({"zero_optimization": {"stage": 3}}, False, "DeepSpeedZeroOptimizer_Stage3"),
 }
@@ -37,10 +38,11 @@ RESUMED = ("zero0_fp32", "zero2_fp32", "zero3_fp32")
 
 
 def _case(name: str, root: str, dp: int = 2, resume: bool = False) -> H.AdaGCCase:
+    """Checkpoints are always the 2-rank run's; a 4-rank case resumes from it (module weights only)."""
     ds, bf16, _ = PATHS[name]
     return H.AdaGCCase(name, ds, dict(ADAGC), LAMBDA_ABS, STEPS, dp=dp, bf16=bf16, spikes=SPIKES, nan=NAN,
-                       ckpt_dir=f"{root}/{name}_dp{dp}", save_at=SAVE_AT if name in RESUMED else None,
-                       resume=resume)
+                       ckpt_dir=f"{root}/{name}", save_at=SAVE_AT if name in RESUMED else None,
+                       resume=resume, module_only=dp != 2)
 
 
 # ---- cost probes: collectives and host reads inside engine.step() -------------------------------------
@@ -106,9 +108,24 @@ def _group_2(rank, world_size, root):
     return {"runs": runs, "resumed": resumed, "probes": _probes(rank)}
 
 
+def _group_4(rank, world_size, root):
+    return H.run_adagc_case(_case("zero2_fp32", root, dp=4, resume=True), rank)
+
+
 @pytest.fixture(scope="module")
-def group_2(tmp_path_factory):
-    return run_ranks(H.call_in_rank, 2, _group_2, str(tmp_path_factory.mktemp("adagc")), init=False)
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("adagc"))
+
+
+@pytest.fixture(scope="module")
+def group_2(root):
+    return run_ranks(H.call_in_rank, 2, _group_2, root, init=False)
+
+
+@pytest.fixture(scope="module")
+def group_4(group_2, root):
+    """ZeRO-2 on 4 ranks, resumed from the 2-rank run's checkpoint: other partitions, gamma by name."""
+    return run_ranks(H.call_in_rank, 4, _group_4, root, init=False)
 
 
 # ---- against the oracle --------------------------------------------------------------------------
@@ -116,29 +133,33 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
-def _check_against_reference(case: H.AdaGCCase, results: list[dict], tol: float) -> dict[str, float]:
-    shapes = {n: p.shape for n, p in H.mlp(case.hidden).named_parameters()}
+def _check_against_reference(segments: list[tuple[H.AdaGCCase, list[dict], int, int]], tol: float) -> dict:
+    """Replay the reference over consecutive segments (case, per-rank results, first step, end step):
+    each step it clips the full-model gradient at the weights the engine had, and every tensor the
+    engine applied must equal it. Results' step lists start at the segment's first step."""
     ref = AdaGCReference(max_grad_norm=LAMBDA_ABS, **ADAGC)
     worst, clipped, passed = 0.0, 0, 0
-    for step in range(case.steps):
-        per_rank = [r["applied"][step] for r in results]
-        if step == NAN[0]:
-            assert per_rank == [None] * len(results), "the NaN step was not skipped on every rank"
-            continue
-        full = H.assemble(per_rank, shapes)
-        grads = H.adagc_oracle_grads(case, step, {k: w for k, (w, _) in full.items()})
-        raw = {k: g.clone() for k, g in grads.items()}
-        ref(grads)  # clips in place
-        for name, (_, applied) in full.items():
-            rel = _rel(applied, grads[name])
-            worst = max(worst, rel)
-            assert rel <= tol, f"{case.name}: step {step} tensor {name}: rel {rel:.2e} from the reference"
-            if step >= ADAGC["warmup_steps"]:
-                hit = _rel(grads[name], raw[name]) > 1e-3
-                clipped, passed = clipped + hit, passed + (not hit)
-    final = results[0]["state"]["gamma"]
+    for case, results, first, end in segments:
+        shapes = {n: p.shape for n, p in H.mlp(case.hidden).named_parameters()}
+        for step in range(first, end):
+            per_rank = [r["applied"][step - first] for r in results]
+            if step == NAN[0]:
+                assert per_rank == [None] * len(results), "the NaN step was not skipped on every rank"
+                continue
+            full = H.assemble(per_rank, shapes)
+            grads = H.adagc_oracle_grads(case, step, {k: w for k, (w, _) in full.items()})
+            raw = {k: g.clone() for k, g in grads.items()}
+            ref(grads)  # clips in place
+            for name, (_, applied) in full.items():
+                rel = _rel(applied, grads[name])
+                worst = max(worst, rel)
+                assert rel <= tol, f"{case.name}: step {step} tensor {name}: rel {rel:.2e} from the reference"
+                if step >= ADAGC["warmup_steps"]:
+                    hit = _rel(grads[name], raw[name]) > 1e-3
+                    clipped, passed = clipped + hit, passed + (not hit)
+    final = segments[-1][1][0]["state"]["gamma"]
     for name, value in ref.gamma.items():
-        assert math.isclose(final[name][0], value, rel_tol=tol), (case.name, name)
+        assert math.isclose(final[name][0], value, rel_tol=tol), name
     return {"worst_rel": worst, "clipped_tensor_steps": clipped, "unclipped_tensor_steps": passed}
 
 
@@ -148,11 +169,22 @@ def test_applied_update_matches_reference_per_tensor(group_2, name):
     results = [r["runs"][name] for r in group_2]
     assert {r["optimizer"] for r in results} == {PATHS[name][2]}, "the intended DeepSpeed path was not built"
     tol = 8e-2 if PATHS[name][1] else 1e-5  # bf16: the engine's forward/backward runs in bf16, the oracle's in fp32
-    seen = _check_against_reference(_case(name, "unused"), results, tol)
+    seen = _check_against_reference([(_case(name, "unused"), results, 0, STEPS)], tol)
     # Both outcomes must occur often after warmup, or a wrong coefficient could hide behind them.
     assert seen["clipped_tensor_steps"] >= 20 and seen["unclipped_tensor_steps"] >= 100, seen
     for r in results[1:]:
         assert r["gammas"] == results[0]["gammas"], "gamma differs between ranks"
+
+
+@pytest.mark.slow
+def test_zero2_four_ranks_resumed_from_two_rank_checkpoint(group_2, group_4):
+    """The first SAVE_AT steps on 2 ranks, the rest on 4 ranks from that checkpoint (module weights and
+    gamma by name): one reference replay over both matches every tensor on every step."""
+    two = [r["runs"]["zero2_fp32"] for r in group_2]
+    assert {r["optimizer"] for r in group_4} == {"DeepSpeedZeroOptimizer"}
+    _check_against_reference([(_case("zero2_fp32", "unused"), two, 0, SAVE_AT),
+                              (_case("zero2_fp32", "unused", dp=4), group_4, SAVE_AT, STEPS)], 1e-5)
+    assert all(r["gammas"] == group_4[0]["gammas"] for r in group_4), "gamma differs between ranks"
 
 
 @pytest.mark.slow
