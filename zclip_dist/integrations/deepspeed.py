@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -309,6 +310,10 @@ class _Attachment:
             path, client_state = load(*args, **kwargs)
             if client_state and CLIENT_STATE_KEY in client_state:
                 self.clipper.load_state_dict(client_state.pop(CLIENT_STATE_KEY))
+            elif path is not None:  # a checkpoint written without clipping state: say so, start from warmup
+                method = "AdaGC" if isinstance(self.config, AdaGCConfig) else "ZClip"
+                warnings.warn(f"zclip_dist: the checkpoint {path} has no {method} state; the statistics start "
+                              "from warmup", stacklevel=2)
             return path, client_state
 
         return load_checkpoint
