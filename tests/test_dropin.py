@@ -168,3 +168,17 @@ def test_fused_optimizer_skips_nonfinite_step_on_device(cls):
             assert all(torch.equal(opt.state[p]["step"], s) for p, s in zip(model.parameters(), steps_before))
         assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not torch.equal(model[0].weight, make_model()[0].weight)  # other steps did update
+
+
+def test_jsonl_log_interval(tmp_path):
+    import json
+
+    path = tmp_path / "sub" / "zclip.jsonl"
+    model = make_model()
+    zc = ZClip(warmup_steps=3, log_jsonl=str(path), log_interval=4)
+    for t, x, y in batches(10, spike_at=7):  # the 8th step: a logged one
+        backward(model, x, y)
+        zc.step(model)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [4, 8]  # every 4th step
+    assert lines[1]["spike"] and lines[1]["coef"] < 1 and lines[1]["grad_norm"] > lines[0]["grad_norm"]

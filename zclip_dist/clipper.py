@@ -20,7 +20,7 @@ from torch import Tensor
 from .adagc import AdaGCDecision, AdaGCState, adagc_update, init_adagc_state
 from .config import AdaGCConfig, ConfigError, ZClipConfig
 from .graphs import GraphedUpdate, can_graph
-from .metrics import metrics_tensors, to_host
+from .metrics import JsonlSink, metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
 
 __all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "verify_identical", "verify_same_config", "STATE_FORMAT",
@@ -156,7 +156,28 @@ def verify_same_config(config: ZClipConfig | AdaGCConfig, group: dist.ProcessGro
                       + "; ".join(differ))
 
 
-class Clipper:
+class _JsonlLog:
+    """``log_jsonl`` / ``log_interval``: one line of metrics per logged step, written on rank 0 only."""
+
+    config: ZClipConfig | AdaGCConfig
+    _sink: JsonlSink | None = None
+    _logged_calls = 0
+
+    def metrics(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _log_step(self) -> None:
+        if self.config.log_jsonl is None:
+            return
+        self._logged_calls += 1
+        if self._logged_calls % self.config.log_interval or (dist.is_initialized() and dist.get_rank() != 0):
+            return
+        if self._sink is None:
+            self._sink = JsonlSink(self.config.log_jsonl)
+        self._sink.write({"call": self._logged_calls, **self.metrics()})  # the one host transfer
+
+
+class Clipper(_JsonlLog):
     """ZClip state plus the per-step decision.
 
     Args:
@@ -206,6 +227,7 @@ class Clipper:
         self._calls += 1
         if self.config.verify_every and self._calls % self.config.verify_every == 0:
             verify_identical(self.state, self._calls)
+        self._log_step()
         if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
             rank = dist.get_rank() if dist.is_initialized() else 0
             raise FloatingPointError(
@@ -260,7 +282,7 @@ class Clipper:
         self._graph = None  # the captured graph points at the old state tensors
 
 
-class AdaGCClipper:
+class AdaGCClipper(_JsonlLog):
     """AdaGC state (one gamma per named tensor) plus the per-step decision.
 
     The state is keyed by parameter name, so a checkpoint survives a change of data-parallel size or a
@@ -330,6 +352,7 @@ class AdaGCClipper:
         self.last = self._graph(sq_norms, global_norm) if graphed else self._update(sq_norms, global_norm)
         if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
             raise FloatingPointError("adagc: non-finite gradient norm; every rank raises (nonfinite='raise')")
+        self._log_step()
         return self.last
 
     def metrics(self) -> dict[str, Any]:

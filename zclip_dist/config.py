@@ -57,6 +57,12 @@ def check_choice(source: str, key: str, value: Any, choices: tuple[str, ...]) ->
         _fail(source, key, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
+def check_logging(source: str, path: Any, interval: Any) -> None:
+    if path is not None and (not isinstance(path, str) or not path):
+        _fail(source, "log_jsonl", path, "a file path (string) or null")
+    check_int(source, "log_interval", interval, low=1)
+
+
 def check_bool(source: str, key: str, value: Any) -> None:
     if not isinstance(value, bool):
         _fail(source, key, value, "true or false")
@@ -123,6 +129,9 @@ class ZClipConfig(_FromDict):
             decays to 0 and every later step is clipped (shared/notes/algorithms.md §1.6).
         verify_every: every N steps, all ranks compare a fingerprint of their state and raise naming any
             rank that differs (one small all-gather and one host read per check); 0 disables.
+        log_jsonl: append the metrics to this JSON-lines file (rank 0 only), in addition to the engine's
+            loggers; ``None`` disables.
+        log_interval: write every N steps (one host transfer of the metrics on those steps, on rank 0).
     """
 
     alpha: float = 0.97
@@ -137,6 +146,8 @@ class ZClipConfig(_FromDict):
     nonfinite: str = "skip"
     recovery_steps: int | None = None
     verify_every: int = 0
+    log_jsonl: str | None = None
+    log_interval: int = 1
     _source: str = dataclasses.field(default="zclip", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +167,7 @@ class ZClipConfig(_FromDict):
         if self.recovery_steps is not None:
             check_int(src, "recovery_steps", self.recovery_steps, low=1)
         check_int(src, "verify_every", self.verify_every, low=0)
+        check_logging(src, self.log_jsonl, self.log_interval)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +189,7 @@ class AdaGCConfig(_FromDict):
             consecutive steps has its gamma reset to its current norm: a permanent rise is accepted at
             once instead of over thousands of steps (gamma can grow by at most ``beta + (1-beta)*clip_ratio``
             per step, 5,758 steps for a 10x rise at the defaults). Isolated spikes are still clipped.
+        log_jsonl, log_interval: as for :class:`ZClipConfig`.
     """
 
     mode: str = "adagc"
@@ -187,6 +200,8 @@ class AdaGCConfig(_FromDict):
     eps: float = 1e-6
     nonfinite: str = "skip"
     recovery_steps: int | None = None
+    log_jsonl: str | None = None
+    log_interval: int = 1
     _source: str = dataclasses.field(default="adagc", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -200,6 +215,7 @@ class AdaGCConfig(_FromDict):
         check_choice(src, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
         if self.recovery_steps is not None:
             check_int(src, "recovery_steps", self.recovery_steps, low=1)
+        check_logging(src, self.log_jsonl, self.log_interval)
 
 
 def attribute_docs(cls: type) -> dict[str, str]:

@@ -111,7 +111,7 @@ class ZClip(_DropIn):
     :class:`~zclip_dist.config.ZClipConfig`. Extra keyword-only arguments:
 
     Args:
-        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"propagate"``.
+        nonfinite, recovery_steps, verify_every, log_jsonl, log_interval: see :class:`ZClipConfig`.
         topology: how gradients are sharded/replicated across ranks; guessed from the model when omitted
             (:meth:`Topology.for_parameters`).
         config: a ready :class:`ZClipConfig` instead of the individual settings.
@@ -123,12 +123,14 @@ class ZClip(_DropIn):
                  eps: float = 1e-6, warmup_steps: int = 25, mode: str = "zscore",
                  clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
                  skip_update_on_spike: bool = False, *, nonfinite: str = "skip",
-                 topology: Topology | None = None, config: ZClipConfig | None = None,
+                 recovery_steps: int | None = None, verify_every: int = 0, log_jsonl: str | None = None,
+                 log_interval: int = 1, topology: Topology | None = None, config: ZClipConfig | None = None,
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         self.config = config if config is not None else ZClipConfig(
             alpha=alpha, z_thresh=z_thresh, max_grad_norm=max_grad_norm, eps=eps, warmup_steps=warmup_steps,
             mode=mode, clip_option=clip_option, clip_factor=clip_factor,
-            skip_update_on_spike=skip_update_on_spike, nonfinite=nonfinite)
+            skip_update_on_spike=skip_update_on_spike, nonfinite=nonfinite, recovery_steps=recovery_steps,
+            verify_every=verify_every, log_jsonl=log_jsonl, log_interval=log_interval)
         self.clipper = Clipper(self.config)
         self._setup(self.config.nonfinite, topology, optimizer)
 
@@ -172,11 +174,13 @@ class AdaGC(_DropIn):
 
     def __init__(self, *, mode: str = "adagc", clip_ratio: float = 1.04, beta: float = 0.99,
                  warmup_steps: int = 100, max_grad_norm: float = 1.0, eps: float = 1e-6,
-                 nonfinite: str = "skip", topology: Topology | None = None,
+                 nonfinite: str = "skip", recovery_steps: int | None = None, log_jsonl: str | None = None,
+                 log_interval: int = 1, topology: Topology | None = None,
                  config: AdaGCConfig | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.config = config if config is not None else AdaGCConfig(
             mode=mode, clip_ratio=clip_ratio, beta=beta, warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm, eps=eps, nonfinite=nonfinite)
+            max_grad_norm=max_grad_norm, eps=eps, nonfinite=nonfinite, recovery_steps=recovery_steps,
+            log_jsonl=log_jsonl, log_interval=log_interval)
         self.clipper = AdaGCClipper(self.config)
         self._setup(self.config.nonfinite, topology, optimizer)
 
