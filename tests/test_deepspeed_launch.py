@@ -26,7 +26,18 @@ def _launch(script: str, tmp_path, *args: str) -> list[dict]:
     return sorted((json.loads(line) for line in report.read_text().splitlines()), key=lambda r: r["rank"])
 
 
-@pytest.mark.parametrize("script", ["deepspeed_torchrun.sh", "deepspeed_local.sh"])
+def _mpi_available() -> bool:
+    import importlib.util
+    import shutil
+
+    return shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
+
+
+MPI = pytest.param("deepspeed_mpirun.sh", marks=pytest.mark.skipif(
+    not _mpi_available(), reason="mpirun and mpi4py needed (apt-get install openmpi-bin libopenmpi-dev; pip install mpi4py)"))
+
+
+@pytest.mark.parametrize("script", ["deepspeed_torchrun.sh", "deepspeed_local.sh", MPI])
 def test_launcher_attaches_zclip(script, tmp_path):
     ranks = _launch(script, tmp_path)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
