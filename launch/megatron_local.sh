@@ -4,7 +4,7 @@
 # Variables:
 #   MEGATRON_LM_PATH  Megatron-LM checkout (tag core_v0.16.1), required
 #   NPROC             local processes (default 1); more than one goes through torchrun on this host
-#   ZCLIP_ARGS        ZClip flags (default "--zclip")
+#   ZCLIP_ARGS        ZClip flags (default "--zclip" when unset; set it empty for a run without ZClip)
 # Arguments: Megatron-LM arguments for pretrain_gpt.py.
 #
 #   MEGATRON_LM_PATH=~/Megatron-LM launch/megatron_local.sh --num-layers 2 ... --mock-data --clip-grad 1.0
@@ -17,4 +17,4 @@ fi
 export PYTHONPATH="${MEGATRON_LM_PATH}${PYTHONPATH:+:${PYTHONPATH}}"
 export RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}" MASTER_PORT="${MASTER_PORT:-29500}"
 # shellcheck disable=SC2086
-exec python -m zclip_dist.megatron_launch "${MEGATRON_LM_PATH}/pretrain_gpt.py" "$@" ${ZCLIP_ARGS:---zclip}
+exec python -m zclip_dist.megatron_launch "${MEGATRON_LM_PATH}/pretrain_gpt.py" "$@" ${ZCLIP_ARGS---zclip}

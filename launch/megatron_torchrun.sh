@@ -8,7 +8,7 @@
 #   NODE_RANK         this node's rank (default 0); on a multi-node run set it per node
 #   MASTER_ADDR       address of node 0 (default 127.0.0.1)
 #   MASTER_PORT       port on node 0 (default 29500)
-#   ZCLIP_ARGS        ZClip flags (default "--zclip"; e.g. "--zclip --zclip-z-thresh 2.5 --zclip-warmup-steps 25")
+#   ZCLIP_ARGS        ZClip flags (default "--zclip" when unset, empty for none; e.g. "--zclip --zclip-z-thresh 2.5 --zclip-warmup-steps 25")
 # Arguments: Megatron-LM arguments for pretrain_gpt.py (model size, data, --clip-grad = ZClip's cap, ...).
 #
 #   MEGATRON_LM_PATH=~/Megatron-LM NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/megatron_torchrun.sh <args>
@@ -22,4 +22,4 @@ export PYTHONPATH="${MEGATRON_LM_PATH}${PYTHONPATH:+:${PYTHONPATH}}"
 exec torchrun \
   --nproc-per-node "${NPROC_PER_NODE}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-  -m zclip_dist.megatron_launch "${MEGATRON_LM_PATH}/pretrain_gpt.py" "$@" ${ZCLIP_ARGS:---zclip}
+  -m zclip_dist.megatron_launch "${MEGATRON_LM_PATH}/pretrain_gpt.py" "$@" ${ZCLIP_ARGS---zclip}
