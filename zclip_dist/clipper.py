@@ -49,7 +49,8 @@ def _commit(state: tuple[Tensor, ...], new_state: tuple[Tensor, ...]) -> None:
 
 
 def _warn_changed(saved: Mapping[str, Any], config: ZClipConfig | AdaGCConfig) -> None:
-    changed = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k, v) != v}
+    changed = {k: (saved.get(k), v) for k, v in config.to_dict().items()
+               if saved.get(k, v) != v and k not in _LOCAL_KEYS}
     if changed:
         warnings.warn("zclip_dist: settings differ from the checkpoint's, the new ones apply: "
                       + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
@@ -65,9 +66,10 @@ def agree(norm: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     """
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return norm
-    value = norm.detach().to(torch.float32).reshape(())
+    dtype = norm.dtype if norm.dtype in (torch.float32, torch.float64) else torch.float32  # keep fp64 bits
+    value = norm.detach().to(dtype).reshape(())
     bad = ~torch.isfinite(value)
-    packed = torch.stack([torch.where(bad, torch.zeros_like(value), value), bad.to(torch.float32)])
+    packed = torch.stack([torch.where(bad, torch.zeros_like(value), value), bad.to(dtype)])
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     return torch.where(packed[1] > 0, torch.full_like(packed[0], float("nan")), packed[0])
 
@@ -101,8 +103,12 @@ def verify_identical(state: tuple[Tensor, ...], step: int) -> None:
                            f"rank 0 (verify_every); the gradient norm is not identical on every rank")
 
 
+#: Settings that may differ between ranks and runs: they change where metrics go, not any decision.
+_LOCAL_KEYS = frozenset({"log_jsonl"})
+
+
 def _settings(config: ZClipConfig | AdaGCConfig) -> dict[str, Any]:
-    return {"method": type(config).__name__, **config.to_dict()}
+    return {"method": type(config).__name__, **{k: v for k, v in config.to_dict().items() if k not in _LOCAL_KEYS}}
 
 
 def _fingerprint(config: ZClipConfig | AdaGCConfig) -> Tensor:
