@@ -148,17 +148,18 @@ class _Overrides:
         grad_norm = self.get_grad_norm()  # Megatron's single pass; a host float in 0.16.1
         if isinstance(grad_norm, torch.Tensor):  # newer main returns a tensor
             grad_norm = float(grad_norm)
+        if self._zclip_group is not None:
+            # Replicas computed the norm separately (non-distributed optimizer with DP > 1): one scalar
+            # all-reduce and one read make it identical by construction. The only added sync, and only here.
+            # First: a NaN on one replica must make every rank skip (or raise), not that replica alone.
+            grad_norm = float(agree(torch.full((), grad_norm, dtype=torch.float64, device=self._zclip_device),
+                                    self._zclip_group))
         finite = math.isfinite(grad_norm)
         policy = self._zclip_config.nonfinite
         if not finite and policy == "raise":
             raise FloatingPointError(
                 f"zclip: non-finite gradient norm ({grad_norm}); every rank "
                 "raises (nonfinite='raise'). Set --zclip-nonfinite skip to skip such steps.")
-        if self._zclip_group is not None:
-            # Replicas computed the norm separately (non-distributed optimizer with DP > 1): one scalar
-            # all-reduce and one read make it identical by construction. The only added sync, and only here.
-            grad_norm = float(agree(torch.full((), grad_norm, dtype=torch.float64, device=self._zclip_device),
-                                    self._zclip_group))
         decision = self.zclip.step(torch.tensor(grad_norm, dtype=torch.float64))  # host state: exactly once
         if not finite and policy == "skip":
             return False, grad_norm, None  # Megatron-LM skips the LR step and counts a skipped iteration
