@@ -150,7 +150,8 @@ def nonfinite_faults(rank: int, method: str, dtype_name: str, n_steps: int, faul
         nn.functional.mse_loss(model(x), y).backward()
         before = None
         if step in faults:
-            name, value, where = rng.choice(names), rng.choice([math.nan, math.inf, -math.inf]), rng.random()
+            name, where = rng.choice(names), rng.random()
+            value = (math.nan, math.inf, -math.inf)[len(out["injected"]) % 3]  # every kind, whatever the seed
             out["injected"].append((step, faults[step], name, value))
             if faults[step] == rank:
                 g = local(dict(model.named_parameters())[name].grad)
