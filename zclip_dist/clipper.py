@@ -48,6 +48,14 @@ def _commit(state: tuple[Tensor, ...], new_state: tuple[Tensor, ...]) -> None:
     torch._foreach_copy_(list(state), list(new_state))
 
 
+def _absent(state_dict: Mapping[str, Any] | None, method: str) -> bool:
+    """A checkpoint written without this clipper's state (``None`` or ``{}``): warn, and say so."""
+    if state_dict:
+        return False
+    warnings.warn(f"zclip_dist: the checkpoint has no {method} state; the statistics start from warmup", stacklevel=3)
+    return True
+
+
 def _warn_changed(saved: Mapping[str, Any], config: ZClipConfig | AdaGCConfig) -> None:
     changed = {k: (saved.get(k), v) for k, v in config.to_dict().items()
                if saved.get(k, v) != v and k not in _LOCAL_KEYS}
@@ -263,7 +271,12 @@ class Clipper(_JsonlLog):
             "state": {k: v.detach().cpu().clone() for k, v in state._asdict().items()},
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any] | None) -> None:
+        """Restore a :meth:`state_dict`; ``None`` or ``{}`` (a checkpoint without one) warns and starts fresh."""
+        if _absent(state_dict, "ZClip"):
+            self.state = init_state(self.config, self.state.mean.device) if self.state is not None else None
+            self.last, self._graph = None, None
+            return
         _check_format(state_dict, STATE_FORMAT)
         _warn_changed(state_dict.get("config", {}), self.config)
         device = self.state.mean.device if self.state is not None else "cpu"
@@ -386,7 +399,11 @@ class AdaGCClipper(_JsonlLog):
             "gamma": {k: (float(g), bool(s)) for k, (g, s) in by_name.items()},
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any] | None) -> None:
+        """Restore a :meth:`state_dict`; ``None`` or ``{}`` (a checkpoint without one) warns and starts fresh."""
+        if _absent(state_dict, "AdaGC"):
+            self.names, self.state, self.last, self._saved, self._graph = (), None, None, None, None
+            return
         _check_format(state_dict, ADAGC_STATE_FORMAT)
         _warn_changed(state_dict.get("config", {}), self.config)
         self._saved = {k: state_dict[k] for k in ("count", "num_nonfinite", "gamma")}

@@ -41,3 +41,9 @@ class ZClipLightningCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.zclip.load_state_dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: "L.Trainer", pl_module: "L.LightningModule", checkpoint: dict[str, Any]) -> None:
+        # Lightning calls load_state_dict only when the checkpoint holds this callback's entry: without
+        # one (a run that had no ZClip) it would start from warmup silently.
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            self.zclip.load_state_dict(None)

@@ -67,7 +67,8 @@ class _DropIn:
     def state_dict(self) -> dict[str, Any]:
         return self.clipper.state_dict()
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any] | None) -> None:
+        """``None``/``{}`` (e.g. ``checkpoint.get("zclip")`` of a run without it) warns and starts from warmup."""
         self.clipper.load_state_dict(state_dict)
 
     def _gradients(self, model: nn.Module | Iterable[Tensor]) -> tuple[list[str], list[Tensor], list[Tensor]]:
