@@ -83,7 +83,8 @@ class _FromDict:
         source = source or cls._source
         entry = dict(entry or {})
         entry.pop("enabled", None)  # DeepSpeed convention: a section may carry "enabled"
-        known = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)}
+        known = {n for n in names if not n.startswith("_")}  # "_source" is ours to set, not a setting
         unknown = sorted(set(entry) - known)
         if unknown:
             raise ConfigError(
@@ -91,7 +92,7 @@ class _FromDict:
                 + ", ".join(sorted(known)))
         merged = {k: v for k, v in defaults.items() if k in known}
         merged.update(entry)
-        return cls(**merged, _source=source) if "_source" in known else cls(**merged)
+        return cls(**merged, _source=source) if "_source" in names else cls(**merged)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
