@@ -164,3 +164,52 @@ class SyncCounter:
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
+
+
+# ---- checkpoints (as Megatron-LM's checkpointing.py writes and reads them) ----------------------
+def save_checkpoint(fmt: str, path: str, ddp, opt) -> None:
+    """As Megatron-LM's checkpointing.py: torch_dist through ``sharded_state_dict``, legacy torch per rank."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    if fmt == "torch_dist":
+        sd = {"model": ddp.module.sharded_state_dict()}
+        sd["optimizer"] = opt.sharded_state_dict(sd, metadata=_metadata())
+        dist_checkpointing.save(sd, path)
+    else:
+        torch.save({"model": ddp.module.state_dict(), "optimizer": opt.state_dict()}, f"{path}/rank{_rank()}.pt")
+
+
+def load_checkpoint(fmt: str, path: str, ddp, opt) -> None:
+    """Load what :func:`save_checkpoint` wrote into a freshly built model and optimizer."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    if fmt == "torch_dist":
+        # megatron-core's torch.optim fallback (no Apex/TE) reads Adam's "step" from the optimizer state
+        # while building the template; give the fresh optimizer that state, as a first step would.
+        for sub in opt.chained_optimizers:
+            sub.init_state_fn(sub.optimizer, sub.config)
+            for state in sub.optimizer.state.values():
+                state.setdefault("step", torch.zeros(()))
+        template = {"model": ddp.module.sharded_state_dict()}
+        template["optimizer"] = opt.sharded_state_dict(template, is_loading=True, metadata=_metadata())
+        sd = dist_checkpointing.load(template, path)
+    else:
+        sd = torch.load(f"{path}/rank{_rank()}.pt", weights_only=False)
+    ddp.module.load_state_dict(sd["model"])
+    with torch.no_grad():  # fp32 DistOpt copies into views of the model's leaf parameters
+        opt.load_state_dict(sd["optimizer"])
+
+
+def _metadata() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()

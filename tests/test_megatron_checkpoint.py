@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from tests.distributed import run_ranks  # noqa: E402
-from tests.megatron_fixtures import Layout  # noqa: E402
+from tests.megatron_fixtures import Layout, load_checkpoint, save_checkpoint  # noqa: E402
 
 STEPS, SAVE_AFTER = 30, 14
 CONFIG = dict(alpha=0.9, z_thresh=2.0, warmup_steps=8, max_grad_norm=None)
@@ -55,64 +55,18 @@ def _params(ddp) -> list[bytes]:
     return [p.detach().float().numpy().tobytes() for p in ddp.module.parameters()]
 
 
-def _save(fmt: str, path: str, ddp, opt) -> None:
-    import torch
-    from megatron.core import dist_checkpointing
-
-    if fmt == "torch_dist":
-        sd = {"model": ddp.module.sharded_state_dict()}
-        sd["optimizer"] = opt.sharded_state_dict(sd, metadata=_metadata())
-        dist_checkpointing.save(sd, path)
-    else:
-        torch.save({"model": ddp.module.state_dict(), "optimizer": opt.state_dict()}, f"{path}/rank{_rank()}.pt")
-
-
-def _load(fmt: str, path: str, ddp, opt) -> None:
-    import torch
-    from megatron.core import dist_checkpointing
-
-    if fmt == "torch_dist":
-        # megatron-core's torch.optim fallback (no Apex/TE) reads Adam's "step" from the optimizer state
-        # while building the template; give the fresh optimizer that state, as a first step would.
-        for sub in opt.chained_optimizers:
-            sub.init_state_fn(sub.optimizer, sub.config)
-            for state in sub.optimizer.state.values():
-                state.setdefault("step", torch.zeros(()))
-        template = {"model": ddp.module.sharded_state_dict()}
-        template["optimizer"] = opt.sharded_state_dict(template, is_loading=True, metadata=_metadata())
-        sd = dist_checkpointing.load(template, path)
-    else:
-        sd = torch.load(f"{path}/rank{_rank()}.pt", weights_only=False)
-    ddp.module.load_state_dict(sd["model"])
-    with torch.no_grad():  # fp32 DistOpt copies into views of the model's leaf parameters
-        opt.load_state_dict(sd["optimizer"])
-
-
-def _metadata() -> dict:
-    from megatron.core import parallel_state as ps
-
-    return {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
-            "chained_optim_avoid_prefix": True, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank()
-
-
 def _resume(fmt: str, layout: Layout, path: str) -> dict:
     import torch.distributed as dist
 
     ddp, opt, grads = _fresh(layout, seed=1)
     straight = _train(opt, grads, range(SAVE_AFTER + 1))
-    _save(fmt, path, ddp, opt)
+    save_checkpoint(fmt, path, ddp, opt)
     dist.barrier()
     straight += _train(opt, grads, range(SAVE_AFTER + 1, STEPS))
     final = _params(ddp)
 
     ddp, opt, grads = _fresh(layout, seed=2)  # different weights and a clipper in warmup until loaded
-    _load(fmt, path, ddp, opt)
+    load_checkpoint(fmt, path, ddp, opt)
     resumed = _train(opt, grads, range(SAVE_AFTER + 1, STEPS))
     return {"straight": straight, "resumed": resumed, "same_params": _params(ddp) == final}
 

@@ -1,17 +1,21 @@
-"""ZClip for Megatron: ``--zclip*`` flags, the optimizer hook and metrics, as a public API.
+"""ZClip and AdaGC for Megatron: ``--zclip*`` / ``--adagc*`` flags, the optimizer hook and metrics.
 
 Typical use in a Megatron-LM training script (or through ``python -m zclip_dist.megatron_launch``,
 which does this to the stock ``pretrain_gpt.py`` without editing it)::
 
     from zclip_dist import megatron as zmeg
-    pretrain(..., extra_args_provider=zmeg.add_arguments)          # --zclip, --zclip-alpha, ...
-    optimizer = get_megatron_optimizer(...)
-    if args.zclip:
-        optimizer = zmeg.wrap_optimizer(optimizer, zmeg.config_from_args(args))
+    pretrain(..., extra_args_provider=zmeg.add_arguments)          # --zclip*, --adagc*
+    optimizer = get_megatron_optimizer(config, model, ...)
+    config = zmeg.clipping_config(args)                            # ZClipConfig, AdaGCConfig or None
+    if config is not None:
+        optimizer = zmeg.wrap_optimizer(optimizer, config, model=model)
 
-Flag names are the ``ZClipConfig`` field names with dashes: ``--zclip-alpha``, ``--zclip-z-thresh``,
-``--zclip-max-grad-norm``, ... When ``--zclip-max-grad-norm`` is not given, Megatron's ``--clip-grad``
-is the cap (``--clip-grad 0`` means no cap), so turning ZClip on keeps the ceiling a run had.
+Flag names are the config field names with dashes: ``--zclip-alpha``, ``--zclip-z-thresh``,
+``--zclip-max-grad-norm``, ...; ``--adagc-clip-ratio``, ``--adagc-beta``, ``--adagc-warmup-steps``, ...
+When ``--zclip-max-grad-norm`` is not given, Megatron's ``--clip-grad`` is the cap (``--clip-grad 0``
+means no cap), so turning ZClip on keeps the ceiling a run had. When ``--adagc-max-grad-norm`` is not
+given, ``--clip-grad`` (when > 0) is AdaGC's lambda_abs, the warmup's global clip. ``--zclip`` and
+``--adagc`` together are refused.
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import argparse
 import re
 import warnings
 from dataclasses import fields
-from typing import Any
+from typing import Any, Sequence
 
-from .config import CLIP_OPTIONS, MODES, NONFINITE_POLICIES, ConfigError, ZClipConfig, attribute_docs
+from .config import (ADAGC_MODES, CLIP_OPTIONS, MODES, NONFINITE_POLICIES, AdaGCConfig, ConfigError, ZClipConfig,
+                     attribute_docs)
+from .integrations import megatron_adagc
 from .integrations.megatron import LOG_METRICS, attach, attached_optimizer, clipper_of, log_metrics
 
-__all__ = ["add_arguments", "config_from_args", "wrap_optimizer", "enabled", "log_metrics", "clipper_of", "attached_optimizer",
-           "flag_name", "LOG_METRICS"]
+__all__ = ["add_arguments", "config_from_args", "adagc_config_from_args", "clipping_config", "wrap_optimizer",
+           "enabled", "adagc_enabled", "clipping_enabled", "log_metrics", "clipper_of", "attached_optimizer",
+           "flag_name", "adagc_flag_name", "LOG_METRICS", "ADAGC_LOG_METRICS"]
+
+ADAGC_LOG_METRICS = megatron_adagc.LOG_METRICS
 
 _NONE = "none"
 
@@ -46,19 +55,92 @@ _HELP = {
 }
 _CHOICES = {"mode": MODES, "clip_option": CLIP_OPTIONS, "nonfinite": NONFINITE_POLICIES}
 
+_ADAGC_HELP = {
+    "mode": "'adagc' (one threshold per parameter tensor, on the norm of the whole tensor however it is sharded) "
+            "or 'adagc-global' (the same rule on the global norm). Default adagc.",
+    "max_grad_norm": "lambda_abs: the global clip during warmup. Default: the value of --clip-grad when > 0, "
+                     "else 1.0.",
+    "nonfinite": "NaN/Inf global norm: 'skip' the update on every rank (default), 'raise' on every rank, "
+                 "or 'propagate'. Gamma never sees it.",
+}
+_ADAGC_CHOICES = {"mode": ADAGC_MODES, "nonfinite": NONFINITE_POLICIES}
 
-def _doc_help() -> dict[str, str]:
-    """Help for fields without an entry above: their text in ``ZClipConfig``'s "Attributes:" docstring."""
-    return attribute_docs(ZClipConfig)
+
+class _Method:
+    """One method's flags: ``--<prefix>`` turns it on, ``--<prefix>-<field>`` sets a config field."""
+
+    def __init__(self, prefix: str, config: type, help_text: dict[str, str], choices: dict[str, tuple],
+                 switch_help: str, title: str) -> None:
+        self.prefix, self.config, self.help, self.choices = prefix, config, help_text, choices
+        self.switch_help, self.title = switch_help, title
+
+    def flag(self, field: str) -> str:
+        return f"--{self.prefix}-" + field.replace("_", "-")
+
+    def dest(self, field: str) -> str:
+        return f"{self.prefix}_{field}"
+
+    def fields(self) -> list:
+        return [f for f in fields(self.config) if not f.name.startswith("_")]
+
+    def add(self, parser: argparse.ArgumentParser) -> None:
+        """Every value defaults to ``None`` (= not given), so a default can be told from an explicit setting;
+        values are validated when the config is built, before training starts."""
+        doc = attribute_docs(self.config)
+        group = parser.add_argument_group(title=self.prefix, description=self.title)
+        group.add_argument(f"--{self.prefix}", action="store_true", default=False, help=self.switch_help)
+        for f in self.fields():
+            kwargs: dict[str, Any] = {"default": None, "dest": self.dest(f.name),
+                                      "help": self.help.get(f.name) or doc.get(f.name, f"{self.config.__name__}.{f.name}")}
+            kind = str(f.type)
+            if f.name in self.choices:
+                kwargs["choices"] = self.choices[f.name]
+            elif "None" in kind:  # optional numbers: 'none' (or 'off') sets None
+                kwargs["type"] = _int_or_none if "int" in kind else _float_or_none
+            elif "bool" in kind:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif "int" in kind:
+                kwargs["type"] = int
+            else:
+                kwargs["type"] = float
+            group.add_argument(self.flag(f.name), **kwargs)
+
+    def given(self, args: argparse.Namespace) -> dict[str, Any]:
+        entry = {}
+        for f in self.fields():
+            value = getattr(args, self.dest(f.name), None)
+            if value is not None:
+                entry[f.name] = None if value == _NONE else value
+        return entry
+
+    def build(self, entry: dict[str, Any], defaults: dict[str, Any], from_clip_grad: bool) -> Any:
+        """The config, or a :class:`ConfigError` naming the flag (``--adagc-beta = 1.5 is invalid: ...``)."""
+        try:
+            return self.config.from_dict(entry, source=f"--{self.prefix}", **defaults)
+        except ConfigError as err:
+            text = re.sub(rf"--{self.prefix}\.(\w+)", lambda m: self.flag(m.group(1)), str(err))
+            flag = self.flag("max_grad_norm")
+            if from_clip_grad and flag in text:
+                text += f" (taken from --clip-grad; set {flag} to override)"
+            raise ConfigError(text) from None
+
+
+_ZCLIP = _Method("zclip", ZClipConfig, _HELP, _CHOICES, title="ZClip adaptive gradient clipping (zclip_dist)",
+                 switch_help="Replace the fixed --clip-grad clipping by ZClip (the --clip-grad value becomes its cap).")
+_ADAGC = _Method("adagc", AdaGCConfig, _ADAGC_HELP, _ADAGC_CHOICES,
+                 title="AdaGC per-tensor adaptive gradient clipping (zclip_dist)",
+                 switch_help="Replace the fixed --clip-grad clipping by AdaGC: one threshold per parameter tensor "
+                             "(--clip-grad becomes lambda_abs, the warmup's global clip).")
 
 
 def flag_name(field: str) -> str:
     """``z_thresh`` -> ``--zclip-z-thresh``."""
-    return "--zclip-" + field.replace("_", "-")
+    return _ZCLIP.flag(field)
 
 
-def _fields() -> list[str]:
-    return [f.name for f in fields(ZClipConfig) if not f.name.startswith("_")]
+def adagc_flag_name(field: str) -> str:
+    """``clip_ratio`` -> ``--adagc-clip-ratio``."""
+    return _ADAGC.flag(field)
 
 
 def _float_or_none(text: str) -> float | str:
@@ -67,71 +149,96 @@ def _float_or_none(text: str) -> float | str:
     return float(text)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--zclip`` and ``--zclip-<field>`` for every ZClipConfig field; usable as ``extra_args_provider``.
+def _int_or_none(text: str) -> int | str:
+    if text.strip().lower() in (_NONE, "off"):
+        return _NONE
+    return int(text)
 
-    Every value defaults to ``None`` (= not given), so :func:`config_from_args` can tell a default from
-    an explicit setting; values are validated there, before training starts.
-    """
-    doc = _doc_help()
-    group = parser.add_argument_group(title="zclip", description="ZClip adaptive gradient clipping (zclip_dist)")
-    group.add_argument("--zclip", action="store_true", default=False,
-                       help="Replace the fixed --clip-grad clipping by ZClip (the --clip-grad value becomes its cap).")
-    for name in _fields():
-        kind = next(f.type for f in fields(ZClipConfig) if f.name == name)
-        kwargs: dict[str, Any] = {"default": None, "help": _HELP.get(name) or doc.get(name, f"ZClipConfig.{name}"), "dest": "zclip_" + name}
-        if name in _CHOICES:
-            kwargs["choices"] = _CHOICES[name]
-        elif name == "max_grad_norm":
-            kwargs["type"] = _float_or_none
-        elif "bool" in str(kind):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif "int" in str(kind):
-            kwargs["type"] = int
-        else:
-            kwargs["type"] = float
-        group.add_argument(flag_name(name), **kwargs)
+
+def add_arguments(parser: argparse.ArgumentParser, methods: Sequence[str] = ("zclip", "adagc")
+                  ) -> argparse.ArgumentParser:
+    """Add ``--zclip``, ``--zclip-<field>`` for every ZClipConfig field, ``--adagc`` and ``--adagc-<field>``
+    for every AdaGCConfig field (``methods`` picks); usable as ``extra_args_provider``."""
+    for method in (_ZCLIP, _ADAGC):
+        if method.prefix in methods:
+            method.add(parser)
     return parser
 
 
 def enabled(args: argparse.Namespace) -> bool:
+    """``--zclip`` is on."""
     return bool(getattr(args, "zclip", False))
 
 
+def adagc_enabled(args: argparse.Namespace) -> bool:
+    """``--adagc`` is on."""
+    return bool(getattr(args, "adagc", False))
+
+
+def clipping_enabled(args: argparse.Namespace) -> bool:
+    """``--zclip`` or ``--adagc`` is on (the hook must be installed)."""
+    return enabled(args) or adagc_enabled(args)
+
+
+def _warn_unused(method: _Method, args: argparse.Namespace, entry: dict[str, Any]) -> None:
+    if entry and not getattr(args, method.prefix, False):
+        warnings.warn(f"{method.prefix}: " + ", ".join(method.flag(k) for k in entry)
+                      + f" given without --{method.prefix}: {method.config.__name__[:-6]} is off", stacklevel=3)
+
+
 def config_from_args(args: argparse.Namespace) -> ZClipConfig:
-    """Build and validate the config from parsed Megatron arguments.
+    """Build and validate the ZClip config from parsed Megatron arguments.
 
     Raises :class:`ConfigError` naming the flag (e.g. ``--zclip-alpha = 1.5 is invalid: allowed ...``).
     """
-    entry = {}
-    for name in _fields():
-        value = getattr(args, "zclip_" + name, None)
-        if value is not None:
-            entry[name] = None if value == _NONE else value
-    if not enabled(args) and entry:
-        warnings.warn("zclip: " + ", ".join(flag_name(k) for k in entry) + " given without --zclip: ZClip is off",
-                      stacklevel=2)
+    entry = _ZCLIP.given(args)
+    _warn_unused(_ZCLIP, args, entry)
     defaults = {}
     if "max_grad_norm" not in entry:
         clip_grad = getattr(args, "clip_grad", None)
         if clip_grad is not None:
             defaults["max_grad_norm"] = float(clip_grad) if clip_grad > 0 else None
-    try:
-        return ZClipConfig.from_dict(entry, source="--zclip", **defaults)
-    except ConfigError as err:
-        text = re.sub(r"--zclip\.(\w+)", lambda m: flag_name(m.group(1)), str(err))
-        if "max_grad_norm" in defaults and "--zclip-max-grad-norm" in text:
-            text += " (taken from --clip-grad; set --zclip-max-grad-norm to override)"
-        raise ConfigError(text) from None
+    return _ZCLIP.build(entry, defaults, from_clip_grad="max_grad_norm" in defaults)
 
 
-def wrap_optimizer(optimizer: Any, config: ZClipConfig) -> Any:
-    """Attach ZClip to what ``get_megatron_optimizer`` returned; returns the same object.
+def adagc_config_from_args(args: argparse.Namespace) -> AdaGCConfig:
+    """Build and validate the AdaGC config; ``--clip-grad`` (when > 0) is lambda_abs unless
+    ``--adagc-max-grad-norm`` is given. Raises :class:`ConfigError` naming the flag."""
+    entry = _ADAGC.given(args)
+    _warn_unused(_ADAGC, args, entry)
+    defaults = {}
+    clip_grad = getattr(args, "clip_grad", None)
+    if "max_grad_norm" not in entry and clip_grad is not None and clip_grad > 0:
+        defaults["max_grad_norm"] = float(clip_grad)
+    return _ADAGC.build(entry, defaults, from_clip_grad="max_grad_norm" in defaults)
 
-    Works for ``ChainedOptimizer`` (dense + expert sub-optimizers), ``DistributedOptimizer``,
-    ``Float16OptimizerWithFloat16Params`` and ``FP32Optimizer``. After this, ``optimizer.step()``
-    uses Megatron's own global norm, makes it identical on every rank, clips to the ZClip threshold,
-    skips the update on a non-finite norm (``update_successful=False``) and updates the statistics
-    exactly once; ``state_dict``/``sharded_state_dict``/``load_state_dict`` carry the ZClip state.
+
+def clipping_config(args: argparse.Namespace) -> ZClipConfig | AdaGCConfig | None:
+    """The config of the method the flags turn on, ``None`` if neither; both at once is a :class:`ConfigError`."""
+    if enabled(args) and adagc_enabled(args):
+        raise ConfigError("--zclip and --adagc are both given: they are two clipping methods for the same "
+                          "gradients; keep one")
+    if adagc_enabled(args):
+        return adagc_config_from_args(args)
+    if enabled(args):
+        return config_from_args(args)
+    return None
+
+
+def wrap_optimizer(optimizer: Any, config: ZClipConfig | AdaGCConfig, model: Any = None) -> Any:
+    """Attach ZClip or AdaGC to what ``get_megatron_optimizer`` returned; returns the same object.
+
+    ZClip works for ``ChainedOptimizer`` (dense + expert sub-optimizers), ``DistributedOptimizer``,
+    ``Float16OptimizerWithFloat16Params`` and ``FP32Optimizer``; AdaGC for the same without expert
+    sub-optimizers. After this, ``optimizer.step()`` uses Megatron's own global norm, makes it identical
+    on every rank, clips (ZClip: to its threshold; AdaGC: each tensor by its coefficient), skips the
+    update on a non-finite norm (``update_successful=False``) and updates the statistics exactly once;
+    ``state_dict``/``sharded_state_dict``/``load_state_dict`` carry the state.
+
+    ``model``: the model chunks; AdaGC keys gamma by their parameter names (ZClip ignores it).
     """
+    if isinstance(config, AdaGCConfig):
+        return megatron_adagc.attach(optimizer, config, model=model)
+    if not isinstance(config, ZClipConfig):
+        raise TypeError(f"wrap_optimizer needs a ZClipConfig or an AdaGCConfig, got {type(config).__name__}")
     return attach(optimizer, config)

@@ -1,19 +1,21 @@
-"""Run Megatron-LM's stock training script with ``--zclip*`` flags, without editing Megatron-LM.
+"""Run Megatron-LM's stock training script with ``--zclip*`` or ``--adagc*`` flags, without editing Megatron-LM.
 
     torchrun --nproc-per-node 8 -m zclip_dist.megatron_launch $MEGATRON_LM_PATH/pretrain_gpt.py \\
         <Megatron-LM arguments> --zclip --zclip-z-thresh 2.5
+    torchrun ... -m zclip_dist.megatron_launch pretrain_gpt.py <arguments> --adagc --adagc-clip-ratio 1.04
 
 What it patches before running the script with ``runpy`` (shared/notes/megatron.md §8), all by name
 in the modules that look them up at call time:
 
 * ``megatron.training.arguments.parse_args`` and ``megatron.training.initialize.parse_args`` (bound
   at import there): chain :func:`zclip_dist.megatron.add_arguments` onto whatever
-  ``extra_args_provider`` the script passes, then validate the ZClip settings at once, so a bad value
-  stops the run before any model is built, with a message naming the flag;
+  ``extra_args_provider`` the script passes, then validate the ZClip / AdaGC settings at once, so a bad
+  value (or ``--zclip`` with ``--adagc``) stops the run before any model is built, naming the flag;
 * ``megatron.training.training.get_megatron_optimizer`` (and the Muon factory when present): wrap
-  the returned optimizer when ``--zclip`` is on;
-* ``megatron.training.training.training_log``: after Megatron's own logging, write the ZClip metrics
-  to its TensorBoard / W&B writers at the log interval (``--log-interval``).
+  the returned optimizer when ``--zclip`` or ``--adagc`` is on (AdaGC keys gamma by the names of the
+  model chunks the factory was given);
+* ``megatron.training.training.training_log``: after Megatron's own logging, write the ``zclip/*`` or
+  ``adagc/*`` metrics to its TensorBoard / W&B writers at ``--tensorboard-log-interval``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ def _chain_provider(provider: Callable | None) -> Callable:
     def both(parser):
         if provider is not None:
             parser = provider(parser) or parser
-        if not any(a.option_strings == ["--zclip"] for a in parser._actions):  # not twice (patched fork)
-            zmeg.add_arguments(parser)
+        # Not twice: a patched fork already has the flags (one patched before AdaGC has only --zclip*).
+        present = {s for a in parser._actions for s in a.option_strings}
+        missing = [m for m in ("zclip", "adagc") if f"--{m}" not in present]
+        if missing:
+            zmeg.add_arguments(parser, methods=missing)
         return parser
     return both
 
@@ -45,9 +50,9 @@ def _patched_parse_args(original: Callable) -> Callable:
     @functools.wraps(original)
     def parse_args(extra_args_provider=None, ignore_unknown_args=False, *args, **kwargs):
         parsed = original(_chain_provider(extra_args_provider), ignore_unknown_args, *args, **kwargs)
-        if zmeg.enabled(parsed):
+        if zmeg.clipping_enabled(parsed):
             try:
-                zmeg.config_from_args(parsed)  # fail before training, naming the flag
+                zmeg.clipping_config(parsed)  # fail before training, naming the flag
             except ValueError as err:
                 print(f"zclip_dist.megatron_launch: error: {err}", file=sys.stderr)
                 raise SystemExit(2) from None
@@ -62,8 +67,11 @@ def _patched_factory(original: Callable) -> Callable:
         from megatron.training.global_vars import get_args
 
         margs = get_args()
-        if zmeg.enabled(margs):
-            optimizer = zmeg.wrap_optimizer(optimizer, zmeg.config_from_args(margs))
+        config = zmeg.clipping_config(margs)
+        if config is not None:
+            # get_megatron_optimizer(config, model_chunks, ...): the chunks name AdaGC's tensors.
+            model = kwargs.get("model_chunks", args[1] if len(args) > 1 else None)
+            optimizer = zmeg.wrap_optimizer(optimizer, config, model=model)
         return optimizer
     return factory
 
@@ -75,7 +83,7 @@ def _patched_training_log(original: Callable) -> Callable:
         from megatron.training.global_vars import get_args, get_tensorboard_writer, get_wandb_writer
 
         margs = get_args()
-        if zmeg.enabled(margs):
+        if zmeg.clipping_enabled(margs):
             # Same condition as Megatron's own TensorBoard block in training_log; writers exist on the last rank only.
             iteration = kwargs.get("iteration", args[3] if len(args) > 3 else None)
             interval = getattr(margs, "tensorboard_log_interval", 1) or 1

@@ -20,6 +20,10 @@ The only module that touches megatron-core's private names. What it does (shared
   sub-optimizers the expert tensor-parallel group for their duplicate test (:func:`fix_expert_tp_norm`).
 * ZClip state rides along in ``state_dict``/``sharded_state_dict`` under the key ``"zclip"`` and is
   removed again in ``load_state_dict`` before Megatron sees it.
+
+The plumbing both methods share (:func:`prepare`, :func:`megatron_norm`, :func:`finish_step`, the
+checkpoint entries, :func:`log_metrics`) lives here; AdaGC's per-tensor part is
+:mod:`zclip_dist.integrations.megatron_adagc`.
 """
 
 from __future__ import annotations
@@ -40,19 +44,22 @@ try:  # the module-level name stock ChainedOptimizer.step calls
 except ImportError:  # pragma: no cover - megatron-core is an optional extra
     clip_grad_by_total_norm_fp32 = None
 
-__all__ = ["attach", "attached_optimizer", "is_attached", "clipper_of", "sub_optimizers", "fix_expert_tp_norm", "log_metrics",
-           "core_version", "STATE_KEY", "LOG_METRICS"]
+__all__ = ["attach", "attached_optimizer", "is_attached", "method_of", "clipper_of", "sub_optimizers", "fix_expert_tp_norm",
+           "log_metrics", "core_version", "STATE_KEY", "STATE_KEYS", "LOG_METRICS"]
 
 logger = logging.getLogger("zclip_dist.megatron")
 
 #: Key of the ZClip entry in the optimizer's (sharded) state dict.
 STATE_KEY = "zclip"
+#: Keys of every zclip_dist entry (ZClip's, AdaGC's): all are removed before Megatron loads the dict.
+STATE_KEYS = (STATE_KEY, "adagc")
 #: Metrics written to Megatron's TensorBoard / W&B writers, as ``zclip/<name>``.
 LOG_METRICS = ("grad_norm", "threshold", "coef", "clipped", "skipped", "mean", "std", "z", "clipped_norm",
                "num_clipped", "num_spikes", "num_nonfinite")
 #: First megatron-core release with PR #5916 (expert-TP duplicates judged against the expert TP group).
 _EXPERT_TP_FIXED = (0, 19)
-_ATTACHED: list[Any] = []  # the optimizer ZClip was last attached to, for Megatron-LM's training_log
+_ATTACHED: list[Any] = []  # the optimizer ZClip/AdaGC was last attached to, for Megatron-LM's training_log
+_DISPLAY = {"zclip": "ZClip", "adagc": "AdaGC"}
 _REQUIRED = ("prepare_grads", "get_grad_norm", "step_with_ready_grads", "get_parameters", "config")
 
 
@@ -145,23 +152,9 @@ class _Overrides:
         """Stock ChainedOptimizer.step with the fixed clip replaced by ZClip's decision."""
         if self.prepare_grads():  # found inf/NaN through the loss scaler: Megatron's own skip, stats untouched
             return False, None, None
-        grad_norm = self.get_grad_norm()  # Megatron's single pass; a host float in 0.16.1
-        if isinstance(grad_norm, torch.Tensor):  # newer main returns a tensor
-            grad_norm = float(grad_norm)
-        if self._zclip_group is not None:
-            # Replicas computed the norm separately (non-distributed optimizer with DP > 1): one scalar
-            # all-reduce and one read make it identical by construction. The only added sync, and only here.
-            # First: a NaN on one replica must make every rank skip (or raise), not that replica alone.
-            grad_norm = float(agree(torch.full((), grad_norm, dtype=torch.float64, device=self._zclip_device),
-                                    self._zclip_group))
-        finite = math.isfinite(grad_norm)
-        policy = self._zclip_config.nonfinite
-        if not finite and policy == "raise":
-            raise FloatingPointError(
-                f"zclip: non-finite gradient norm ({grad_norm}); every rank "
-                "raises (nonfinite='raise'). Set --zclip-nonfinite skip to skip such steps.")
+        grad_norm, finite = megatron_norm(self, self._zclip_config.nonfinite)
         decision = self.zclip.step(torch.tensor(grad_norm, dtype=torch.float64))  # host state: exactly once
-        if not finite and policy == "skip":
+        if not finite and self._zclip_config.nonfinite == "skip":
             return False, grad_norm, None  # Megatron-LM skips the LR step and counts a skipped iteration
         max_norm = host_value(decision.clip_to)  # +inf when not clipping
         if finite and max_norm < math.inf:
@@ -170,47 +163,136 @@ class _Overrides:
                     continue
                 clip_grad_by_total_norm_fp32(
                     sub.get_parameters(), max_norm=max_norm, total_norm=grad_norm,
-                    use_decoupled_grad=getattr(sub.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
-        num_zeros = self.count_zeros() if getattr(self.config, "log_num_zeros_in_grad", False) else None
-        update_successful = self.step_with_ready_grads()
-        if hasattr(self, "allgather_params"):  # LayerWiseDistributedOptimizer (Muon)
-            self.allgather_params()
-        return update_successful, grad_norm, num_zeros
+                    use_decoupled_grad=uses_decoupled_grad(sub))
+        return finish_step(self, grad_norm)
 
     # ---- checkpoints: one extra entry, removed before Megatron sees the dict ----------------------
     def state_dict(self, *args, **kwargs):
-        return _with_zclip(self._zclip_base.state_dict(self, *args, **kwargs), self.zclip)
+        return with_entry(self._zclip_base.state_dict(self, *args, **kwargs), STATE_KEY, self.zclip.state_dict())
 
     def sharded_state_dict(self, *args, **kwargs):
-        return _with_zclip(self._zclip_base.sharded_state_dict(self, *args, **kwargs), self.zclip)
+        # Replicated state: a plain entry, which dist_checkpointing saves once as common state.
+        return with_entry(self._zclip_base.sharded_state_dict(self, *args, **kwargs), STATE_KEY,
+                          self.zclip.state_dict())
 
     def load_state_dict(self, state_dict, *args, **kwargs):
-        if isinstance(state_dict, dict) and STATE_KEY in state_dict:
-            state_dict = dict(state_dict)
-            self.zclip.load_state_dict(state_dict.pop(STATE_KEY))
-        else:
-            warnings.warn("zclip: the checkpoint has no ZClip state; the statistics start from warmup", stacklevel=2)
+        state_dict, saved = pop_entries(state_dict, STATE_KEY, "ZClip")
+        if saved is not None:
+            self.zclip.load_state_dict(saved)
         return self._zclip_base.load_state_dict(self, state_dict, *args, **kwargs)
 
 
-def _with_zclip(state: Any, clipper: Clipper) -> dict:
-    """Add the ZClip entry. A ChainedOptimizer's list becomes ``{index: entry}``, which it loads as well."""
+def megatron_norm(optimizer: Any, nonfinite: str) -> tuple[float, bool]:
+    """Megatron's own global norm (its one pass and ``.item()``), identical on every rank; and whether finite.
+
+    ``nonfinite="raise"`` raises here, on the host float (every rank holds the same value). Where
+    Megatron's reduction does not span the world (``optimizer._zclip_group``), replicas computed the norm
+    separately: one scalar all-reduce and one read make it identical by construction (the only added
+    host read, and only there).
+    """
+    grad_norm = optimizer.get_grad_norm()  # a host float in 0.16.1
+    if isinstance(grad_norm, torch.Tensor):  # newer main returns a tensor
+        grad_norm = float(grad_norm)
+    if optimizer._zclip_group is not None:  # first: a NaN on one replica must stop every rank, not that one
+        grad_norm = float(agree(torch.full((), grad_norm, dtype=torch.float64, device=optimizer._zclip_device),
+                                optimizer._zclip_group))
+    finite = math.isfinite(grad_norm)
+    if not finite and nonfinite == "raise":
+        raise FloatingPointError(
+            f"zclip_dist: non-finite gradient norm ({grad_norm}); every rank raises (nonfinite='raise'). "
+            "Set --zclip-nonfinite / --adagc-nonfinite skip to skip such steps.")
+    return grad_norm, finite
+
+
+def finish_step(optimizer: Any, grad_norm: float) -> tuple[bool, float, Any]:
+    """The tail of stock ``ChainedOptimizer.step`` after the clip: zero count, the update, Muon's gather."""
+    num_zeros = optimizer.count_zeros() if getattr(optimizer.config, "log_num_zeros_in_grad", False) else None
+    update_successful = optimizer.step_with_ready_grads()
+    if hasattr(optimizer, "allgather_params"):  # LayerWiseDistributedOptimizer (Muon)
+        optimizer.allgather_params()
+    return update_successful, grad_norm, num_zeros
+
+
+def uses_decoupled_grad(sub: Any) -> bool:
+    """Precision-aware optimizer: the gradient Megatron clips is ``decoupled_grad``, not ``grad``."""
+    return bool(getattr(sub.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
+
+
+def with_entry(state: Any, key: str, value: Any) -> dict:
+    """Add one entry. A ChainedOptimizer's list becomes ``{index: entry}``, which it loads as well."""
     if isinstance(state, (list, tuple)):
         state = dict(enumerate(state))
     elif not isinstance(state, dict):
-        raise TypeError(f"zclip: cannot add ZClip state to an optimizer state of type {type(state).__name__}")
-    state[STATE_KEY] = clipper.state_dict()
+        raise TypeError(f"zclip_dist: cannot add {key} state to an optimizer state of type {type(state).__name__}")
+    state[key] = value
     return state
 
 
+def pop_entries(state_dict: Any, key: str, method: str) -> tuple[Any, Any]:
+    """Remove every zclip_dist entry before Megatron sees the dict (ChainedOptimizer checks the entry
+    count); return the dict and this method's saved state, or ``None`` with a warning when absent (a
+    checkpoint written without this method, or with the other one)."""
+    saved = None
+    if isinstance(state_dict, dict) and any(k in state_dict for k in STATE_KEYS):
+        state_dict = dict(state_dict)
+        found = {k: state_dict.pop(k) for k in STATE_KEYS if k in state_dict}
+        saved = found.get(key)
+    if saved is None:
+        warnings.warn(f"zclip_dist: the checkpoint has no {method} state; the statistics start from warmup",
+                      stacklevel=3)
+    return state_dict, saved
+
+
 def is_attached(optimizer: Any) -> bool:
-    return bool(getattr(type(optimizer), "_zclip_attached", False))
+    return method_of(optimizer) is not None
 
 
-def clipper_of(optimizer: Any) -> Clipper:
-    if not is_attached(optimizer):
-        raise ValueError("this optimizer has no ZClip attached; call zclip_dist.megatron.wrap_optimizer first")
-    return optimizer.zclip
+def method_of(optimizer: Any) -> str | None:
+    """``"zclip"`` or ``"adagc"``: the method attached to ``optimizer``, or ``None``."""
+    return getattr(type(optimizer), "_zclip_method", None)
+
+
+def clipper_of(optimizer: Any) -> Any:
+    """The attached :class:`~zclip_dist.clipper.Clipper` (ZClip) or :class:`~zclip_dist.clipper.AdaGCClipper`."""
+    method = method_of(optimizer)
+    if method is None:
+        raise ValueError("this optimizer has no ZClip/AdaGC attached; call zclip_dist.megatron.wrap_optimizer first")
+    return getattr(optimizer, method)
+
+
+def prepare(optimizer: Any, config: Any, method: str, overrides: type) -> None:
+    """What both methods do to the optimizer object: checks, the PR #5916 fix, the class swap, the norm group.
+
+    The class becomes a one-level subclass holding ``step`` and the checkpoint methods of ``overrides``
+    (see :class:`_Overrides` for why not a mixin); the object stays the same.
+    """
+    if is_attached(optimizer):
+        raise ValueError(f"{method_of(optimizer)} is already attached to this optimizer; ZClip and AdaGC are two "
+                         "clipping methods for the same gradients: attach one")
+    missing = [name for name in _REQUIRED if not hasattr(optimizer, name)]
+    if missing:
+        raise TypeError(
+            f"zclip_dist: {type(optimizer).__name__} lacks {', '.join(missing)}; expected a megatron-core optimizer "
+            f"(tested with megatron-core 0.16.1, found {'.'.join(map(str, core_version()))})")
+    fix_expert_tp_norm(optimizer)
+    cls = type(optimizer)
+    methods = {name: overrides.__dict__[name] for name in ("step", "state_dict", "sharded_state_dict",
+                                                           "load_state_dict")}
+    optimizer.__class__ = type(f"{_DISPLAY[method]}{cls.__name__}", (cls,),
+                               {**methods, "__module__": overrides.__module__, "_zclip_method": method,
+                                "_zclip_base": cls})
+    optimizer._zclip_config = config
+    optimizer._zclip_device = _device_of(optimizer)
+    optimizer._zclip_group = _norm_group(optimizer)
+
+
+def register(optimizer: Any) -> Any:
+    """Check the settings agree on every rank (every rank attaches: a rank with other settings fails here,
+    before the first step) and remember the optimizer for Megatron-LM's ``training_log``."""
+    verify_same_config(optimizer._zclip_config)
+    clipper_of(optimizer).check_config = False
+    _ATTACHED[:] = [optimizer]
+    return optimizer
 
 
 def attach(optimizer: Any, config: ZClipConfig) -> Any:
@@ -219,51 +301,36 @@ def attach(optimizer: Any, config: ZClipConfig) -> Any:
     Accepts what ``get_megatron_optimizer`` returns: ``ChainedOptimizer`` (dense + expert
     sub-optimizers), ``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``.
     """
-    if is_attached(optimizer):
-        raise ValueError("ZClip is already attached to this optimizer")
-    missing = [name for name in _REQUIRED if not hasattr(optimizer, name)]
-    if missing:
-        raise TypeError(
-            f"zclip: {type(optimizer).__name__} lacks {', '.join(missing)}; expected a megatron-core optimizer "
-            f"(tested with megatron-core 0.16.1, found {'.'.join(map(str, core_version()))})")
-    fix_expert_tp_norm(optimizer)
-    cls = type(optimizer)
-    methods = {name: _Overrides.__dict__[name] for name in ("step", "state_dict", "sharded_state_dict",
-                                                            "load_state_dict")}
-    optimizer.__class__ = type(f"ZClip{cls.__name__}", (cls,),
-                               {**methods, "__module__": __name__, "_zclip_attached": True, "_zclip_base": cls})
-    optimizer._zclip_config = config
-    optimizer._zclip_device = _device_of(optimizer)
-    optimizer._zclip_group = _norm_group(optimizer)
-    # "raise" is enforced above on the host float; the clipper itself would read its flag every step.
+    prepare(optimizer, config, "zclip", _Overrides)
+    # "raise" is enforced in megatron_norm on the host float; the clipper itself would read its flag every step.
     inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
     # The norm arrives as a host float: the statistics live on the CPU, where reading them costs nothing.
     optimizer.zclip = Clipper(inner, device="cpu")
-    # Every rank attaches: a rank with other settings fails here, before the first step.
-    verify_same_config(config)
-    optimizer.zclip.check_config = False
-    _ATTACHED[:] = [optimizer]
-    return optimizer
+    return register(optimizer)
 
 
 def attached_optimizer() -> Any:
-    """The optimizer ZClip was last attached to in this process (``training_log`` has no optimizer argument)."""
+    """The optimizer ZClip/AdaGC was last attached to in this process (``training_log`` has no optimizer argument)."""
     if not _ATTACHED:
-        raise ValueError("ZClip is not attached to any optimizer in this process")
+        raise ValueError("neither ZClip nor AdaGC is attached to any optimizer in this process")
     return _ATTACHED[0]
 
 
 def log_metrics(optimizer: Any, iteration: int, writer: Any = None, wandb_writer: Any = None,
-                names: Iterable[str] = LOG_METRICS) -> dict[str, Any]:
-    """Write the last step's ZClip metrics to Megatron's TensorBoard / W&B writers as ``zclip/<name>``.
+                names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Write the last step's metrics to Megatron's TensorBoard / W&B writers as ``zclip/<name>`` (ZClip) or
+    ``adagc/<name>`` (AdaGC; names in ``megatron_adagc.LOG_METRICS``).
 
     One host transfer, and only where a writer exists (Megatron-LM creates them on the last rank);
     call it at the log interval. Returns what was written.
     """
     if writer is None and wandb_writer is None:
         return {}
+    method = method_of(optimizer)
+    if names is None:
+        names = LOG_METRICS if method == "zclip" else getattr(type(optimizer), "_zclip_log_metrics", ())
     metrics = clipper_of(optimizer).metrics()
-    out = {f"zclip/{n}": float(metrics[n]) for n in names if n in metrics}
+    out = {f"{method}/{n}": float(metrics[n]) for n in names if n in metrics}
     if writer is not None:
         for key, value in out.items():
             writer.add_scalar(key, value, iteration)
