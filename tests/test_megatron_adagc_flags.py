@@ -1,0 +1,173 @@
+"""The ``--adagc*`` flags: through ``zclip_dist.megatron.add_arguments`` always, and with Megatron-LM's real
+parser, the launcher and the source patch when ``MEGATRON_LM_PATH`` is set (skipped otherwise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import fields
+
+import pytest
+
+from tests.test_megatron_launch import PATCH, REPO, _parser, megatron_lm, run_python, training_deps
+from zclip_dist import megatron as zmeg
+from zclip_dist.config import AdaGCConfig, ConfigError, ZClipConfig
+
+
+def _config(*argv: str):
+    return zmeg.clipping_config(_parser().parse_args(list(argv)))
+
+
+def test_every_adagc_field_has_a_flag_with_help():
+    by_flag = {s: a for a in _parser()._actions for s in a.option_strings}
+    assert "--adagc" in by_flag and "--zclip" in by_flag
+    for f in fields(AdaGCConfig):
+        if not f.name.startswith("_"):
+            action = by_flag["--adagc-" + f.name.replace("_", "-")]
+            assert action.help and action.dest == "adagc_" + f.name
+            assert zmeg.adagc_flag_name(f.name) == "--adagc-" + f.name.replace("_", "-")
+
+
+def test_flags_build_the_config_and_clip_grad_is_lambda_abs():
+    cfg = _config("--adagc", "--adagc-clip-ratio", "1.05", "--adagc-beta", "0.98", "--adagc-warmup-steps", "50",
+                  "--adagc-mode", "adagc-global", "--adagc-eps", "1e-8", "--adagc-nonfinite", "raise",
+                  "--adagc-recovery-steps", "20", "--clip-grad", "2.5")
+    assert cfg == AdaGCConfig(mode="adagc-global", clip_ratio=1.05, beta=0.98, warmup_steps=50, max_grad_norm=2.5,
+                              eps=1e-8, nonfinite="raise", recovery_steps=20)
+    assert _config("--adagc", "--clip-grad", "2.5", "--adagc-max-grad-norm", "4").max_grad_norm == 4.0
+    assert _config("--adagc", "--clip-grad", "0").max_grad_norm == AdaGCConfig().max_grad_norm  # no fixed clip
+    assert _config("--adagc", "--adagc-recovery-steps", "none").recovery_steps is None
+    assert _config("--adagc") == AdaGCConfig(max_grad_norm=1.0)  # the defaults, Megatron's --clip-grad 1.0
+    assert _config() is None
+    assert isinstance(_config("--zclip"), ZClipConfig)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--adagc-clip-ratio", "0.5"], "--adagc-clip-ratio = 0.5"),
+    (["--adagc-beta", "1.0"], "--adagc-beta = 1.0"),
+    (["--adagc-warmup-steps", "-1"], "--adagc-warmup-steps = -1"),
+    (["--adagc-max-grad-norm", "0"], "--adagc-max-grad-norm = 0.0"),
+    (["--adagc-eps", "nan"], "--adagc-eps = nan"),
+    (["--adagc-recovery-steps", "0"], "--adagc-recovery-steps = 0"),
+    (["--clip-grad", "inf"], "--adagc-max-grad-norm = inf"),
+])
+def test_invalid_values_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError, match=flag.replace("(", r"\(")) as err:
+        _config("--adagc", *argv)
+    assert ("taken from --clip-grad" in str(err.value)) == ("--clip-grad" in argv)
+
+
+def test_invalid_choice_and_type_are_refused_by_the_parser(capsys):
+    for argv, flag in ((["--adagc-mode", "shard"], "--adagc-mode"), (["--adagc-warmup-steps", "2.5"],
+                                                                     "--adagc-warmup-steps")):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["--adagc", *argv])
+        assert flag in capsys.readouterr().err
+
+
+def test_zclip_and_adagc_together_are_refused_naming_both():
+    with pytest.raises(ConfigError, match="--zclip and --adagc"):
+        _config("--zclip", "--adagc")
+
+
+def test_settings_without_the_switch_warn():
+    with pytest.warns(UserWarning, match="--adagc-beta given without --adagc"):
+        zmeg.adagc_config_from_args(_parser().parse_args(["--adagc-beta", "0.9"]))
+
+
+def test_wrap_optimizer_refuses_what_is_not_a_megatron_optimizer():
+    import torch
+
+    with pytest.raises(TypeError, match="lacks prepare_grads"):
+        zmeg.wrap_optimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), AdaGCConfig())
+
+
+# ---- Megatron-LM's real parser, the launcher, the patch ------------------------------------------
+_PARSE = textwrap.dedent("""
+    import json, sys
+    from zclip_dist import megatron_launch, megatron as zmeg
+    megatron_launch.install()
+    import megatron.training.initialize as initialize
+    sys.argv = ['pretrain_gpt.py', '--adagc', '--adagc-clip-ratio', '1.05', '--adagc-mode', 'adagc-global',
+                '--clip-grad', '2.0']
+    cfg = zmeg.clipping_config(initialize.parse_args(None, False))
+    print(json.dumps(cfg.to_dict()))
+""")
+
+
+def test_flags_parse_with_megatron_lm_parser():
+    checkout = megatron_lm()
+    training_deps()
+    proc = run_python(_PARSE, checkout=checkout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == AdaGCConfig(clip_ratio=1.05, mode="adagc-global", max_grad_norm=2.0).to_dict()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adagc", "--adagc-beta", "1.5"], "--adagc-beta = 1.5 is invalid"),
+    (["--zclip", "--adagc"], "--zclip and --adagc are both given"),
+])
+def test_launcher_stops_stock_pretrain_gpt(argv, message):
+    checkout = megatron_lm()
+    training_deps()
+    proc = run_python("", "-m", "zclip_dist.megatron_launch", str(checkout / "pretrain_gpt.py"), *argv,
+                      checkout=checkout)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
+
+
+def test_patched_megatron_lm_parses_and_validates_adagc(tmp_path):
+    """The patch applied to a copy of megatron/training: --adagc exists natively and is validated."""
+    checkout = megatron_lm()
+    training_deps()
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    copy = tmp_path / "mlm"
+    shutil.copytree(checkout / "megatron" / "training", copy / "megatron" / "training")
+    proc = subprocess.run(["git", "apply", str(PATCH)], cwd=copy, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    code = textwrap.dedent("""
+        import sys
+        import megatron.training.arguments as a
+        assert a.__file__.startswith(sys.argv[1]), a.__file__
+        sys.argv = ['x'] + sys.argv[2:]
+        args = a.parse_args()
+        print('parsed', args.adagc, args.adagc_beta, flush=True)
+        a.validate_args(args)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), str(checkout), str(REPO)]), PYTHONWARNINGS="ignore")
+    for argv, message in ((["--adagc", "--adagc-beta", "1.5"], "--adagc-beta = 1.5 is invalid"),
+                          (["--adagc", "--zclip"], "--zclip and --adagc are both given")):
+        proc = subprocess.run([sys.executable, "-c", code, str(copy), *argv], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=300)
+        assert "parsed True" in proc.stdout, proc.stderr[-3000:]
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+
+
+_FACTORY = textwrap.dedent("""
+    import argparse, sys
+    import megatron.training.global_vars as gv
+    from zclip_dist import megatron_launch, megatron as zmeg
+    calls = []
+    zmeg.wrap_optimizer = lambda opt, cfg, model=None: calls.append((opt, type(cfg).__name__, model)) or opt
+    gv.set_args(argparse.Namespace(adagc=True, zclip=False, clip_grad=1.0))
+    factory = megatron_launch._patched_factory(lambda config, model_chunks, **kw: 'optimizer')
+    factory('config', ['chunk0'], config_overrides=None)
+    factory('config', model_chunks=['chunk1'])
+    print(calls)
+""")
+
+
+def test_launcher_wraps_with_the_model_chunks():
+    """The patched get_megatron_optimizer hands AdaGC the model chunks it was given (names for gamma)."""
+    checkout = megatron_lm()
+    training_deps()
+    proc = run_python(_FACTORY, checkout=checkout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str([("optimizer", "AdaGCConfig", ["chunk0"]),
+                                                        ("optimizer", "AdaGCConfig", ["chunk1"])])
