@@ -97,7 +97,7 @@ TP_DIM = {"col.weight": 0, "col.bias": 0, "row.weight": 1}  # norm.weight is a T
 
 
 def identity_tp_dp(rank: int, method: str, n_steps: int, spikes: dict[int, int], tp: int = 2) -> dict:
-    """TP2 x DP2 from explicit groups, analytic gradients; a spike scales this rank's counted shard."""
+    """TP2 x DP2 from explicit groups, analytic (already DP-reduced) gradients; a spike scales one TP shard."""
     from zclip_dist import Topology
 
     dp = WORLD // tp
@@ -120,8 +120,10 @@ def identity_tp_dp(rank: int, method: str, n_steps: int, spikes: dict[int, int],
         for name, shape in SHAPES.items():
             g = torch.randn(shape, generator=gen) * 0.1
             params[name].grad = g.chunk(tp, TP_DIM[name])[tp_rank].clone() if name in TP_DIM else g
-        if spikes.get(step) == rank:
-            params["col.weight"].grad.mul_(SPIKE)  # a counted shard: the global norm must see it everywhere
+        if step in spikes and spikes[step] % tp == tp_rank:
+            # A bad batch on one rank reaches its DP replicas through the DP reduction: these gradients
+            # stand for reduced ones, so that TP rank's shard is scaled on every DP replica.
+            params["col.weight"].grad.mul_(SPIKE)
         clip.step(params.values())
         if step in spikes:
             clipped += _clipped(clip)
