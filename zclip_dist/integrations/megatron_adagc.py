@@ -26,6 +26,9 @@ tail of ``ChainedOptimizer.step``); what differs is the clip:
   whether to multiply would be a host read.
 * **Non-finite.** A non-finite Megatron norm returns ``(False, norm, None)`` on every rank (Megatron-LM
   skips the update and counts a skipped iteration); the clipper records it and gamma does not move.
+  Known edge: a NaN only in a copy Megatron's norm leaves out (a TP-duplicated tensor on TP rank > 0)
+  keeps Megatron's norm finite; the vector sees it (``0 * NaN``), so gamma still does not move and every
+  coefficient is 0 (``skip``), but the update runs: telling Megatron to skip would take a host read.
 * **Checkpoints.** ``state_dict`` carries the state (gamma by name) under ``"adagc"``;
   ``sharded_state_dict`` carries it as a ``ShardedObject`` with one shard per pipeline stage (each stage
   holds other tensors), written by TP/DP rank 0 of the stage. ``load_state_dict`` removes it before
