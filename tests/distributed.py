@@ -12,6 +12,7 @@ import os
 import pickle
 import queue as queue_mod
 import socket
+import tempfile
 import traceback
 from typing import Any, Callable
 
@@ -26,13 +27,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, init: bool) -> None:
+def tp_dp_groups(world: int, tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup, int, int]:
+    """Megatron-style layout: consecutive ranks form a TP group, ranks tp apart a DP group.
+
+    Every rank creates every group (new_group is collective over WORLD); returns this rank's TP group,
+    DP group, TP rank and DP rank.
+    """
+    dp = world // tp
+    tp_groups = [dist.new_group(list(range(d * tp, (d + 1) * tp))) for d in range(dp)]
+    dp_groups = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
+    rank = dist.get_rank()
+    return tp_groups[rank // tp], dp_groups[rank % tp], rank % tp, rank // tp
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, init: bool,
+            store_file: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
         if init:
-            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            # A file store needs no port: no race with other test runs for a "free" port.
+            dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", pickle.dumps(result)))  # plain bytes: no shared-memory handles
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -53,25 +69,33 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, init: bool = True, time
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init)) for r in range(world_size)]
+    store = tempfile.NamedTemporaryFile(prefix="zclip_store_", delete=False)
+    store.close()
+    os.unlink(store.name)  # the file store creates it; a leftover file would hold a stale rendezvous
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, init, store.name))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     errors = []
+    wait = timeout
     for _ in procs:
         try:
-            rank, status, payload = queue.get(timeout=timeout)
+            rank, status, payload = queue.get(timeout=wait)
         except queue_mod.Empty:
-            errors.append(f"no answer from some rank within {timeout}s (exit codes {[p.exitcode for p in procs]})")
+            errors.append(f"no answer from some rank within {wait}s (exit codes {[p.exitcode for p in procs]})")
             break
         if status == "ok":
             results[rank] = pickle.loads(payload)
         else:
             errors.append(f"--- rank {rank} ---\n{payload}")
+            wait = 30  # the others may be stuck in a collective with the failed rank: do not wait long
     for p in procs:
-        p.join(timeout)
+        p.join(timeout if not errors else 5)
         if p.is_alive():
             p.kill()
+    if os.path.exists(store.name):
+        os.unlink(store.name)
     if errors:
         raise AssertionError("a rank failed:\n" + "\n".join(errors))
     if len(results) != world_size:

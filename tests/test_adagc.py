@@ -14,7 +14,7 @@ from zclip_dist import AdaGC, Topology
 from zclip_dist.config import AdaGCConfig, ConfigError
 
 from .adagc_reference import AdaGCReference
-from .distributed import run_ranks
+from .distributed import run_ranks, tp_dp_groups
 from .sync_guard import count_host_reads
 
 STEPS = 240
@@ -78,9 +78,7 @@ def test_single_process_matches_official_semantics(mode):
 
 def _adagc_worker(rank: int, world: int, tp: int, layout: str, nan_step: int):
     dp = world // tp
-    tp_groups = [dist.new_group(list(range(d * tp, (d + 1) * tp))) for d in range(dp)]
-    dp_groups = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
-    tp_rank, dp_rank = rank % tp, rank // tp
+    tp_group, dp_group, tp_rank, dp_rank = tp_dp_groups(world, tp)
     sharded = layout == "dp_sharded"  # distributed-optimizer style: DP ranks hold disjoint slices too
     params, slices = {}, {}
     for name, shape in SHAPES.items():
@@ -102,7 +100,7 @@ def _adagc_worker(rank: int, world: int, tp: int, layout: str, nan_step: int):
         if dim is not None:
             p.tensor_model_parallel = True
         params[name] = p
-    topo = Topology.from_groups(tp_group=tp_groups[dp_rank], dp_group=dp_groups[tp_rank], dp_sharded=sharded)
+    topo = Topology.from_groups(tp_group=tp_group, dp_group=dp_group, dp_sharded=sharded)
     module = nn.Module()
     for n, p in params.items():
         module.register_parameter(n.replace(".", "_"), p)

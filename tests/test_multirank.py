@@ -13,13 +13,12 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from zclip_dist import Topology, ZClip
 from zclip_dist.config import ZClipConfig
 
-from .distributed import run_ranks
+from .distributed import run_ranks, tp_dp_groups
 from .oracle import ReferenceOracle
 
 STEPS = 200
@@ -151,10 +150,7 @@ def full_grads(step: int) -> dict[str, torch.Tensor]:
 
 
 def _tp_worker(rank: int, world: int, tp: int, nan_steps: dict):
-    dp = world // tp
-    tp_groups = [dist.new_group(list(range(d * tp, (d + 1) * tp))) for d in range(dp)]
-    dp_groups = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
-    tp_rank, dp_rank = rank % tp, rank // tp
+    tp_group, dp_group, tp_rank, dp_rank = tp_dp_groups(world, tp)
     params = {}
     for name, shape in SHAPES.items():
         dim = TP_DIM.get(name)
@@ -165,7 +161,7 @@ def _tp_worker(rank: int, world: int, tp: int, nan_steps: dict):
         if dim is not None:
             p.tensor_model_parallel = True
         params[name] = p
-    topo = Topology.from_groups(tp_group=tp_groups[dp_rank], dp_group=dp_groups[tp_rank])
+    topo = Topology.from_groups(tp_group=tp_group, dp_group=dp_group)
     zc = ZClip(**CFG, topology=topo)
     out = {"norms": [], "coefs": [], "nonfinite": []}
     for step in range(STEPS):

@@ -246,7 +246,8 @@ class Clipper(_JsonlLog):
             rank = dist.get_rank() if dist.is_initialized() else 0
             raise FloatingPointError(
                 f"zclip: non-finite gradient norm ({float(self.last.norm)}) at step {int(self.state.steps)} "
-                f"on rank {rank}; every rank raises (nonfinite='raise'). Set nonfinite='skip' to skip such steps.")
+                f"(raised on rank {rank}; every rank raises, wherever the bad gradient is; nonfinite='raise'). "
+                "Set nonfinite='skip' to skip such steps.")
         return self.last
 
     # ---- metrics ----------------------------------------------------------------------------------

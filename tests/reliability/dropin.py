@@ -12,8 +12,9 @@ import math
 import random
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from tests.distributed import tp_dp_groups
 
 from .common import Row, fault_plan, row, steps
 
@@ -100,10 +101,7 @@ def identity_tp_dp(rank: int, method: str, n_steps: int, spikes: dict[int, int],
     """TP2 x DP2 from explicit groups, analytic (already DP-reduced) gradients; a spike scales one TP shard."""
     from zclip_dist import Topology
 
-    dp = WORLD // tp
-    tp_groups = [dist.new_group(list(range(d * tp, (d + 1) * tp))) for d in range(dp)]
-    dp_groups = [dist.new_group(list(range(t, WORLD, tp))) for t in range(tp)]
-    tp_rank, dp_rank = rank % tp, rank // tp
+    tp_group, dp_group, tp_rank, dp_rank = tp_dp_groups(WORLD, tp)
     params = {}
     for name, shape in SHAPES.items():
         local_shape = list(shape)
@@ -111,7 +109,7 @@ def identity_tp_dp(rank: int, method: str, n_steps: int, spikes: dict[int, int],
             local_shape[TP_DIM[name]] //= tp
         params[name] = p = nn.Parameter(torch.zeros(local_shape))
         p.tensor_model_parallel = name in TP_DIM
-    topo = Topology.from_groups(tp_group=tp_groups[dp_rank], dp_group=dp_groups[tp_rank])
+    topo = Topology.from_groups(tp_group=tp_group, dp_group=dp_group)
     extra = {"verify_every": 10} if method == "zclip" else {}
     clip = make_clipper(method, topology=topo, **extra)
     clipped = 0
