@@ -229,7 +229,7 @@ def rows_from(results: list[dict], p: dict) -> list[Row]:
         raised = [r["raised"] for r in per]
         msg = raised[0][1] if raised[0] else ""
         rows.append(row("non-finite", f"DeepSpeed {name} x{WORLD}",
-                        f"the same faults, nonfinite='raise'",
+                        "the same faults, nonfinite='raise'",
                         {"every rank raised at the first fault": all(x and x[0] == first_fault for x in raised),
                          "message names the cause and the policy": "non-finite gradient norm" in msg
                          and "nonfinite='raise'" in msg},

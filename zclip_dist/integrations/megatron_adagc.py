@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ..clipper import AdaGCClipper
 from ..config import AdaGCConfig
-from ..topology import Topology, is_tp_sharded
+from ..topology import Topology
 from .megatron import (_is_expert, finish_step, megatron_norm, pop_entries, prepare, register, sub_optimizers,
                        uses_decoupled_grad, with_entry)
 
