@@ -96,6 +96,9 @@ def main(directory: str, n_steps: int, every: int, resume: bool) -> None:
     if rank == 0:
         final = {k: [p.detach().clone() for p in m.parameters()] for k, m in models.items()}
         torch.save(final, os.path.join(directory, "final.pt"))
+    # Both ranks reach the barrier before either tears gloo down; otherwise one can abort at exit with
+    # "terminate called without an active exception" (shared/notes/deepspeed.md §9.3).
+    dist.barrier()
     dist.destroy_process_group()
 
 
