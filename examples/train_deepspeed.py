@@ -2,9 +2,9 @@
 
 Run it through the ZClip launcher so that ``deepspeed.initialize`` attaches ZClip (launch/deepspeed_*.sh):
 
-    deepspeed --num_gpus 2 --module zclip_dist.launch examples/train_deepspeed.py --steps 8
-    torchrun --nproc_per_node 2 -m zclip_dist.launch examples/train_deepspeed.py --steps 8
-    mpirun -np 2 python -m zclip_dist.launch examples/train_deepspeed.py --steps 8
+    deepspeed --num_gpus 2 --module zclip_dist.deepspeed.launch examples/train_deepspeed.py --steps 8
+    torchrun --nproc_per_node 2 -m zclip_dist.deepspeed.launch examples/train_deepspeed.py --steps 8
+    mpirun -np 2 python -m zclip_dist.deepspeed.launch examples/train_deepspeed.py --steps 8
 
 Started directly (``python examples/train_deepspeed.py`` under a launcher) it trains without ZClip.
 ``--report FILE`` writes one JSON line per rank: whether ZClip was attached and its last metrics.

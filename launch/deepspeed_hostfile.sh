@@ -23,4 +23,4 @@ fi
 args=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29735}")
 [ -n "${MASTER_ADDR:-}" ] && args+=(--master_addr "$MASTER_ADDR")
 [ -n "${LAUNCHER:-}" ] && args+=(--launcher "$LAUNCHER")
-deepspeed "${args[@]}" --module zclip_dist.launch "${SCRIPT:-examples/train_deepspeed.py}" "$@"
+deepspeed "${args[@]}" --module zclip_dist.deepspeed.launch "${SCRIPT:-examples/train_deepspeed.py}" "$@"

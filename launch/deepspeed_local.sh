@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_BIN=$(dirname "$(command -v "${PYTHON:-python}")")
 DEEPSPEED=${DEEPSPEED:-$( [ -x "$PY_BIN/deepspeed" ] && echo "$PY_BIN/deepspeed" || echo deepspeed )}
-# The launcher starts `python -m zclip_dist.launch`; put the environment's bin first so it is this python.
+# The launcher starts `python -m zclip_dist.deepspeed.launch`; put the environment's bin first so it is this python.
 export PATH="$PY_BIN:$PATH"
 exec "$DEEPSPEED" --num_gpus "${NPROC:-2}" --master_port "${MASTER_PORT:-29734}" \
-  --module zclip_dist.launch "${SCRIPT:-examples/train_deepspeed.py}" "$@"
+  --module zclip_dist.deepspeed.launch "${SCRIPT:-examples/train_deepspeed.py}" "$@"

@@ -17,5 +17,5 @@ hosts=()
 # shellcheck disable=SC2086
 exec mpirun -np "${NPROC:-2}" "${hosts[@]}" ${MPIRUN_ARGS:---allow-run-as-root --oversubscribe} \
   -x PATH -x PYTHONPATH -x DS_ACCELERATOR \
-  "${PYTHON:-python}" -m zclip_dist.launch "${SCRIPT:-examples/train_deepspeed.py}" \
+  "${PYTHON:-python}" -m zclip_dist.deepspeed.launch "${SCRIPT:-examples/train_deepspeed.py}" \
   --distributed-port "${MASTER_PORT:-29736}" "$@"

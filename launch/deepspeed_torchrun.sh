@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ZClip + DeepSpeed through torchrun, one node. The training script stays unchanged: zclip_dist.launch
+# ZClip + DeepSpeed through torchrun, one node. The training script stays unchanged: zclip_dist.deepspeed.launch
 # makes its deepspeed.initialize attach ZClip when the config has a "zclip" entry.
 #
 # Variables (all optional):
@@ -18,4 +18,4 @@ cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
 exec "${PYTHON:-python}" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "${NNODES:-1}" \
   --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29733}" \
-  -m zclip_dist.launch "${SCRIPT:-examples/train_deepspeed.py}" "$@"
+  -m zclip_dist.deepspeed.launch "${SCRIPT:-examples/train_deepspeed.py}" "$@"

@@ -10,7 +10,7 @@
 #   PYTHON       interpreter                    (default python3)
 #   THREADS      torch/OpenMP threads per rank  (default 1: the ranks share the cores)
 # Usage:  launch/local_gloo.sh train.py [script args]       launch/local_gloo.sh -m package.module [args]
-#         NPROC=2 launch/local_gloo.sh -m zclip_dist.launch examples/train_deepspeed.py --steps 8
+#         NPROC=2 launch/local_gloo.sh -m zclip_dist.deepspeed.launch examples/train_deepspeed.py --steps 8
 set -euo pipefail
 if [ $# -eq 0 ]; then
   echo "usage: launch/local_gloo.sh SCRIPT.py [args] | -m MODULE [args]" >&2

@@ -17,4 +17,4 @@ fi
 export PYTHONPATH="${MEGATRON_LM_PATH}${PYTHONPATH:+:${PYTHONPATH}}"
 export RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}" MASTER_PORT="${MASTER_PORT:-29500}"
 # shellcheck disable=SC2086
-exec python -m zclip_dist.megatron_launch "${MEGATRON_LM_PATH}/pretrain_gpt.py" "$@" ${ZCLIP_ARGS---zclip}
+exec python -m zclip_dist.megatron.launch "${MEGATRON_LM_PATH}/pretrain_gpt.py" "$@" ${ZCLIP_ARGS---zclip}

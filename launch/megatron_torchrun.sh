@@ -22,4 +22,4 @@ export PYTHONPATH="${MEGATRON_LM_PATH}${PYTHONPATH:+:${PYTHONPATH}}"
 exec torchrun \
   --nproc-per-node "${NPROC_PER_NODE}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-  -m zclip_dist.megatron_launch "${MEGATRON_LM_PATH}/pretrain_gpt.py" "$@" ${ZCLIP_ARGS---zclip}
+  -m zclip_dist.megatron.launch "${MEGATRON_LM_PATH}/pretrain_gpt.py" "$@" ${ZCLIP_ARGS---zclip}

@@ -1,8 +1,7 @@
 """A single-process AdaGC that follows the official Megatron patch's semantics literally.
 
-Written from the description of lishuai-97/AdaGC ``megatron-gpt2.patch`` (shared/notes/algorithms.md
-§2.2-2.3): Python control flow per tensor, full (unsharded) fp32 gradients, a dict of gammas keyed by
-name, the step counter incremented first, the global clip during warmup, the running minimum, and the
+Written from the description of lishuai-97/AdaGC ``megatron-gpt2.patch`` (docs/internals/algorithms.md):
+Python control flow per tensor, full (unsharded) fp32 gradients, a dict of gammas keyed by name, the step counter incremented first, the global clip during warmup, the running minimum, and the
 EMA of the clipped per-tensor norm. It is the oracle; the package's vectorised version must agree.
 """
 

@@ -2,7 +2,7 @@
 
 megatron-core hard-codes CUDA in places a CPU/gloo test run passes through (``device='cuda'`` tensors
 in ``clip_grads.py``, ``torch.cuda.current_device()`` in the DDP buffers, CUDA RNG state in the RNG
-tracker, ``.type() == 'torch.cuda.FloatTensor'`` asserts; shared/notes/megatron.md §9). ``apply()``
+tracker, ``.type() == 'torch.cuda.FloatTensor'`` asserts; docs/internals/megatron.md). ``apply()``
 redirects exactly four things, inside one process (call it first thing in each spawned worker):
 
 1. tensor factories that name a CUDA device (string, index or ``torch.device``) allocate on CPU;

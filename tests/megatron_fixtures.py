@@ -2,7 +2,7 @@
 
 Everything here runs inside a spawned gloo rank after ``megatron_cpu_shim.apply()``.
 
-Analytic oracle (shared/notes/megatron.md §9): for every parameter of the *full* model a gradient
+Analytic oracle (docs/internals/megatron.md): for every parameter of the *full* model a gradient
 ``G(global_name, step)`` is drawn from a generator seeded by the name and the step; each rank writes its
 own slice of it into ``main_grad`` (TP shards sliced along ``partition_dim``, replicas get the whole
 tensor, the tied output copy gets the word-embedding gradient). Ranks report ``global_name -> full

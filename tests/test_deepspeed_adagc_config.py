@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zclip_dist.config import AdaGCConfig, ConfigError, ZClipConfig
-from zclip_dist.integrations.deepspeed import resolve_config
+from zclip_dist.deepspeed import resolve_config
 
 
 def test_adagc_entry_gives_adagc_config_with_engine_clip_as_lambda_abs():
@@ -57,7 +57,7 @@ def test_initialize_refuses_both_entries_before_building_an_engine(monkeypatch):
 
 @pytest.mark.slow
 def test_launcher_attaches_adagc_from_the_json_config(tmp_path):
-    """``torchrun -m zclip_dist.launch`` with an unchanged script and an "adagc" entry in its JSON config."""
+    """``torchrun -m zclip_dist.deepspeed.launch`` with an unchanged script and an "adagc" entry in its JSON config."""
     from tests.test_deepspeed_launch import _launch
 
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zclip_dist.config import ConfigError
-from zclip_dist.integrations.deepspeed import resolve_config
+from zclip_dist.deepspeed import resolve_config
 
 
 def test_absent_or_disabled_entry_changes_nothing():

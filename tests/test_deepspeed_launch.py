@@ -53,7 +53,7 @@ def test_launch_module_runs_script_with_patched_initialize(tmp_path, monkeypatch
     import deepspeed
 
     from zclip_dist import deepspeed as zds
-    from zclip_dist import launch
+    from zclip_dist.deepspeed import launch
 
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent("""
@@ -61,11 +61,13 @@ def test_launch_module_runs_script_with_patched_initialize(tmp_path, monkeypatch
         import zclip_dist.deepspeed as zds
         RESULT = (list(sys.argv), deepspeed.initialize is zds.initialize, __name__)
     """))
-    monkeypatch.setattr(deepspeed, "initialize", deepspeed.initialize)  # restored after the test
+    original = deepspeed.initialize
+    monkeypatch.setattr(deepspeed, "initialize", original)  # restored after the test
+    monkeypatch.setattr(deepspeed, "_zclip_dist_original_initialize", original, raising=False)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     seen = {}
     real_run_path = launch.runpy.run_path
     monkeypatch.setattr(launch.runpy, "run_path", lambda path, run_name: seen.update(real_run_path(path, run_name=run_name)))
     launch.main(["--local_rank=1", str(script), "--steps", "3"])
     assert seen["RESULT"] == ([str(script), "--local_rank=1", "--steps", "3"], True, "__main__")
-    assert zds.initialize.__wrapped__ is zds._deepspeed_initialize
+    assert zds._deepspeed_initialize() is original  # ours calls DeepSpeed's, never itself

@@ -101,7 +101,7 @@ def _write(entries, step: int) -> None:
 
 def _pieces(opt, entries) -> list[tuple]:
     """For every main gradient AdaGC clips: (global name, TP split size, TP rank, dim, flat start, end)."""
-    from zclip_dist.integrations.megatron import sub_optimizers
+    from zclip_dist.megatron.hook import sub_optimizers
 
     ranges = {}
     for sub in sub_optimizers(opt):

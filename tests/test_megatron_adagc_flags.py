@@ -89,7 +89,8 @@ def test_wrap_optimizer_refuses_what_is_not_a_megatron_optimizer():
 # ---- Megatron-LM's real parser, the launcher, the patch ------------------------------------------
 _PARSE = textwrap.dedent("""
     import json, sys
-    from zclip_dist import megatron_launch, megatron as zmeg
+    from zclip_dist import megatron as zmeg
+    from zclip_dist.megatron import launch as megatron_launch
     megatron_launch.install()
     import megatron.training.initialize as initialize
     sys.argv = ['pretrain_gpt.py', '--adagc', '--adagc-clip-ratio', '1.05', '--adagc-mode', 'adagc-global',
@@ -115,7 +116,7 @@ def test_flags_parse_with_megatron_lm_parser():
 def test_launcher_stops_stock_pretrain_gpt(argv, message):
     checkout = megatron_lm()
     training_deps()
-    proc = run_python("", "-m", "zclip_dist.megatron_launch", str(checkout / "pretrain_gpt.py"), *argv,
+    proc = run_python("", "-m", "zclip_dist.megatron.launch", str(checkout / "pretrain_gpt.py"), *argv,
                       checkout=checkout)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
@@ -152,7 +153,8 @@ def test_patched_megatron_lm_parses_and_validates_adagc(tmp_path):
 _FACTORY = textwrap.dedent("""
     import argparse, sys
     import megatron.training.global_vars as gv
-    from zclip_dist import megatron_launch, megatron as zmeg
+    from zclip_dist import megatron as zmeg
+    from zclip_dist.megatron import launch as megatron_launch
     calls = []
     zmeg.wrap_optimizer = lambda opt, cfg, model=None: calls.append((opt, type(cfg).__name__, model)) or opt
     gv.set_args(argparse.Namespace(adagc=True, zclip=False, clip_grad=1.0))

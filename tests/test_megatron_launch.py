@@ -101,7 +101,8 @@ def test_invalid_choice_is_refused_by_the_parser(capsys):
 # ---- Megatron-LM's real parser, the launcher, the patch ------------------------------------------
 _PARSE = textwrap.dedent("""
     import json, sys
-    from zclip_dist import megatron_launch, megatron as zmeg
+    from zclip_dist import megatron as zmeg
+    from zclip_dist.megatron import launch as megatron_launch
     megatron_launch.install()
     import megatron.training.initialize as initialize, megatron.training.arguments as arguments
     def extra(parser):
@@ -138,7 +139,7 @@ def test_stock_parser_rejects_zclip_without_the_launcher():
 def test_launcher_stops_stock_pretrain_gpt_on_an_invalid_value():
     checkout = megatron_lm()
     training_deps()
-    proc = run_python("", "-m", "zclip_dist.megatron_launch", str(checkout / "pretrain_gpt.py"),
+    proc = run_python("", "-m", "zclip_dist.megatron.launch", str(checkout / "pretrain_gpt.py"),
                       "--zclip", "--zclip-alpha", "1.5", checkout=checkout)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--zclip-alpha = 1.5 is invalid" in proc.stderr

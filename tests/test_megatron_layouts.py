@@ -39,7 +39,7 @@ def _run_layout(rank: int, layout: Layout) -> dict:
     from tests.megatron_fixtures import AnalyticGrads, build
     from zclip_dist import megatron as zmeg
     from zclip_dist.config import ZClipConfig
-    from zclip_dist.integrations.megatron import fix_expert_tp_norm
+    from zclip_dist.megatron.hook import fix_expert_tp_norm
 
     ddp, opt = build(layout)
     grads = AnalyticGrads(ddp, layout)
@@ -162,7 +162,7 @@ def test_pr5916_megatron_norm_is_wrong_and_ours_right(results):
     index = next(i for i, lay in enumerate(LAYOUTS) if lay.name.startswith("pr5916"))
     per_rank = [r[index] for r in results]
     want = oracle_norm(merged_shapes([r["shapes"] for r in per_rank]), 0, scale_at(0))
-    from zclip_dist.integrations.megatron import core_version
+    from zclip_dist.megatron.hook import core_version
 
     if core_version()[:2] < (0, 19):
         assert per_rank[0]["stock_norm"] < want * (1 - 1e-3)  # Megatron's own: too small

@@ -1,23 +1,38 @@
 """zclip_dist: ZClip and AdaGC adaptive gradient clipping, exact under tensor/pipeline/data/expert parallelism.
 
-Front ends: ``ZClip(...).step(model)`` for plain PyTorch, ``ZClipLightningCallback`` for Lightning,
-``zclip_dist.deepspeed`` for a ``"zclip"`` DeepSpeed config entry, ``zclip_dist.megatron`` for
-``--zclip*`` flags.
+Front ends, one subpackage each: :mod:`zclip_dist.pytorch` (``ZClip(...).step(model)``, also exported
+here), :mod:`zclip_dist.lightning` (``ZClipLightningCallback``), :mod:`zclip_dist.deepspeed` (a
+``"zclip"`` / ``"adagc"`` DeepSpeed config entry) and :mod:`zclip_dist.megatron` (``--zclip*`` /
+``--adagc*`` flags). The engine subpackages are imported on first attribute access, so ``import
+zclip_dist`` never imports DeepSpeed, Megatron or Lightning.
 """
+
+import importlib
+from typing import Any
 
 from .clipper import Clipper
 from .config import AdaGCConfig, ConfigError, ZClipConfig
-from .integrations.torch import AdaGC, ZClip
+from .pytorch import AdaGC, ZClip
 from .topology import Topology
 
 __version__ = "0.1.0"
 
-__all__ = ["ZClip", "AdaGC", "AdaGCConfig", "ZClipConfig", "ConfigError", "Clipper", "Topology", "ZClipLightningCallback", "__version__"]
+__all__ = ["ZClip", "AdaGC", "AdaGCConfig", "ZClipConfig", "ConfigError", "Clipper", "Topology", "ZClipLightningCallback",
+           "__version__"]
+
+# Optional front ends: importing them needs their engine, so they load on first use only.
+_LAZY_SUBMODULES = ("deepspeed", "megatron", "lightning")
 
 
-def __getattr__(name: str):
-    if name == "ZClipLightningCallback":  # Lightning is optional: import on first use only
-        from .integrations.lightning import ZClipLightningCallback
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name == "ZClipLightningCallback":
+        from .lightning import ZClipLightningCallback
 
         return ZClipLightningCallback
     raise AttributeError(f"module 'zclip_dist' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY_SUBMODULES, "ZClipLightningCallback"])

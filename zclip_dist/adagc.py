@@ -1,7 +1,7 @@
 """AdaGC statistics as pure functions of device tensors (no host sync, no communication).
 
 Follows the official Megatron patch (lishuai-97/AdaGC ``megatron-gpt2.patch``; see
-``shared/notes/algorithms.md`` §2). Per tensor i, with n_i the norm of the *whole* tensor:
+``docs/internals/algorithms.md``). Per tensor i, with n_i the norm of the *whole* tensor:
 
 * warmup (the first ``warmup_steps`` finite steps): clip globally at lambda_abs, then
   gamma_i <- n_i (first time) or min(gamma_i, n_i), with n_i measured after the global clip;

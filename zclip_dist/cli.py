@@ -204,7 +204,7 @@ def _zclip_config(args: argparse.Namespace) -> ZClipConfig:
     given = _given(args, ZClipConfig, "zclip")
     if args.ds_config is None:
         return ZClipConfig.from_dict(given)
-    from .integrations.deepspeed import resolve_config
+    from .deepspeed.config import resolve_config
 
     try:
         with open(args.ds_config) as f:
@@ -248,7 +248,7 @@ ZClip adaptive gradient clipping for DeepSpeed, Megatron and PyTorch, exact unde
   zclip-dist replay TRACE    what ZClip / AdaGC-global would clip on a logged gradient-norm trace
 
 Use in training: a "zclip" entry in a DeepSpeed config with zclip_dist.deepspeed.initialize (or
-`deepspeed --module zclip_dist.launch train.py`), --zclip flags for Megatron, ZClip(...).step(model)
+`deepspeed --module zclip_dist.deepspeed.launch train.py`), --zclip flags for Megatron, ZClip(...).step(model)
 in plain PyTorch. Run `zclip-dist COMMAND --help` for each command's options."""
 
 

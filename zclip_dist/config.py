@@ -127,7 +127,7 @@ class ZClipConfig(_FromDict):
             change, the end of LR warmup, unfreezing layers): further consecutive spikes are not clipped
             adaptively and their raw norm feeds the EMA, which catches up within a few steps. Isolated
             spikes (shorter runs) are clipped exactly as before. The reference instead locks in: sigma
-            decays to 0 and every later step is clipped (shared/notes/algorithms.md §1.6).
+            decays to 0 and every later step is clipped (docs/internals/algorithms.md).
         verify_every: every N steps, all ranks compare a fingerprint of their state and raise naming any
             rank that differs (one small all-gather and one host read per check); 0 disables.
         log_jsonl: append the metrics to this JSON-lines file (rank 0 only), in addition to the engine's

@@ -1,56 +1,9 @@
-"""Run an unchanged DeepSpeed training script with ZClip or AdaGC: ``deepspeed.initialize`` attaches the
-method named by the config's ``"zclip"`` or ``"adagc"`` entry.
+"""Alias kept for scripts written against zclip_dist 0.1: ``-m zclip_dist.launch`` runs
+:mod:`zclip_dist.deepspeed.launch`, the DeepSpeed launcher module, unchanged."""
 
-    deepspeed --module zclip_dist.launch train.py [script args]
-    torchrun --nproc_per_node N -m zclip_dist.launch train.py [script args]
-    python -m zclip_dist.launch [-m package.module | train.py] [script args]   (mpirun, srun)
-
-The script runs as ``__main__`` with ``sys.argv`` as if started directly. DeepSpeed's launcher puts
-``--local_rank=N`` before the script name; it is moved behind it, where the script would have seen it.
-Configs with neither entry train exactly as before.
-"""
-
-from __future__ import annotations
-
-import os
-import runpy
-import sys
-
-import deepspeed
-
-from . import deepspeed as zclip_deepspeed
+from .deepspeed.launch import install, main
 
 __all__ = ["install", "main"]
-
-
-def install() -> None:
-    """Make ``deepspeed.initialize`` attach ZClip / AdaGC (idempotent). Scripts that did
-    ``from deepspeed import initialize`` before this call keep the original."""
-    deepspeed.initialize = zclip_deepspeed.initialize
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = []
-    while argv and argv[0].startswith("--local_rank"):
-        passthrough.append(argv.pop(0))
-        if passthrough[-1] == "--local_rank" and argv:
-            passthrough.append(argv.pop(0))
-    if not argv:
-        raise SystemExit("usage: python -m zclip_dist.launch [-m module | script.py] [args...]")
-    install()
-    if argv[0] == "-m":
-        if len(argv) < 2:
-            raise SystemExit("zclip_dist.launch: -m needs a module name")
-        module, rest = argv[1], argv[2:]
-        sys.argv = [module, *passthrough, *rest]
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    else:
-        script, rest = argv[0], argv[1:]
-        sys.argv = [script, *passthrough, *rest]
-        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script.py` would
-        runpy.run_path(script, run_name="__main__")
-
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@
 ``zclip`` 1.0.0 package (``zclip/zclip.py``), rewritten without Python branches on tensor values so it
 runs on the gradients' device with no host synchronisation and can be captured in a CUDA graph. Every
 branch of the reference becomes a ``torch.where``; the reference's quirks are kept on purpose (see
-``shared/notes/algorithms.md`` §1.4): ``clip_factor`` scales the whole adaptive threshold, the variance
+``docs/internals/algorithms.md``): ``clip_factor`` scales the whole adaptive threshold, the variance
 update uses the new mean, the EMA is fed the adaptive threshold before the ``max_grad_norm`` cap, the
 scaling epsilon is a fixed 1e-6, and both tests are strict inequalities.
 

@@ -1,5 +1,5 @@
 """Put on PYTHONPATH by tests/test_deepspeed_launch.py for the launched ranks: with ZCLIP_TEST_NO_SHM=1,
-DeepSpeed's inference-only shm op is not JIT-compiled at init_distributed (notes/deepspeed.md §9.1), so
+DeepSpeed's inference-only shm op is not JIT-compiled at init_distributed (docs/internals/deepspeed.md), so
 launcher tests need no C++ toolchain and take seconds."""
 
 import os

@@ -37,7 +37,7 @@ def _config(cls: str, **kwargs: Any) -> Callable[[], Any]:
 
 def _deepspeed(entry: dict) -> Callable[[], Any]:
     def resolve():
-        from zclip_dist.integrations.deepspeed import resolve_config
+        from zclip_dist.deepspeed import resolve_config
 
         return resolve_config({"gradient_clipping": 1.0, **entry})
     return resolve

@@ -56,7 +56,7 @@ def params_of(ddp) -> list[torch.Tensor]:
 def owned_tensor(opt, rng: random.Random, tp_sharded: bool = True):
     """A parameter whose gradient this rank's optimizer reads (its own shard under the distributed
     optimizer; any tensor otherwise) and, by default, one Megatron counts on every TP rank."""
-    from zclip_dist.integrations.megatron import sub_optimizers
+    from zclip_dist.megatron.hook import sub_optimizers
 
     sub = sub_optimizers(opt)[0]
     ranges = getattr(sub, "gbuf_ranges", None)

@@ -172,7 +172,7 @@ def edge_cases() -> list[Row]:
 
     from zclip_dist import AdaGC, ZClip
     from zclip_dist.clipper import STATE_VERSION
-    from zclip_dist.integrations.lightning import ZClipLightningCallback
+    from zclip_dist.lightning import ZClipLightningCallback
 
     model = nn.Linear(3, 2)
     model(torch.randn(4, 3)).sum().backward()

@@ -97,7 +97,7 @@ def main(directory: str, n_steps: int, every: int, resume: bool) -> None:
         final = {k: [p.detach().clone() for p in m.parameters()] for k, m in models.items()}
         torch.save(final, os.path.join(directory, "final.pt"))
     # Both ranks reach the barrier before either tears gloo down; otherwise one can abort at exit with
-    # "terminate called without an active exception" (shared/notes/deepspeed.md §9.3).
+    # "terminate called without an active exception" (docs/internals/deepspeed.md).
     dist.barrier()
     dist.destroy_process_group()
 

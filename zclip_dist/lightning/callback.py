@@ -14,7 +14,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("ZClipLightningCallback needs Lightning: pip install 'zclip-dist[lightning]'") from exc
 
-from .torch import ZClip
+from ..pytorch import ZClip
 
 __all__ = ["ZClipLightningCallback"]
 

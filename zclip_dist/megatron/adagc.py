@@ -1,6 +1,6 @@
 """Megatron-core adapter for AdaGC: per-tensor clipping on the norm of each *whole* tensor.
 
-Attached like ZClip (:mod:`zclip_dist.integrations.megatron`: same class swap, same Megatron norm, same
+Attached like ZClip (:mod:`zclip_dist.megatron.hook`: same class swap, same Megatron norm, same
 tail of ``ChainedOptimizer.step``); what differs is the clip:
 
 * **Units.** One gamma per model parameter of this pipeline stage (all model chunks), keyed by its
@@ -49,8 +49,17 @@ from torch import Tensor
 from ..clipper import AdaGCClipper
 from ..config import AdaGCConfig
 from ..topology import Topology
-from .megatron import (_is_expert, finish_step, megatron_norm, pop_entries, prepare, register, sub_optimizers,
-                       uses_decoupled_grad, with_entry)
+from .hook import (
+    _is_expert,
+    finish_step,
+    megatron_norm,
+    pop_entries,
+    prepare,
+    register,
+    sub_optimizers,
+    uses_decoupled_grad,
+    with_entry,
+)
 
 __all__ = ["attach", "UnsupportedConfiguration", "STATE_KEY", "LOG_METRICS", "SHARDED_KEY"]
 

@@ -1,29 +1,16 @@
-"""Megatron-core adapter: ZClip inside the optimizer ``get_megatron_optimizer`` returned.
+"""What ZClip and AdaGC do alike to a megatron-core optimizer: the class swap (:func:`prepare`), Megatron's
+own norm made identical on every rank (:func:`megatron_norm`), the tail of the step (:func:`finish_step`),
+checkpoint entries, the expert-TP norm fix and :func:`log_metrics`. Each method's step is in
+:mod:`zclip_dist.megatron.zclip` / :mod:`zclip_dist.megatron.adagc`; how Megatron computes and applies
+its norm, and why the hook sits where it does, is in ``docs/internals/megatron.md``.
 
-The only module that touches megatron-core's private names. What it does (shared/notes/megatron.md §5):
-
-* :func:`attach` swaps the optimizer object's class for a subclass whose ``step`` is stock
-  ``ChainedOptimizer.step`` (megatron-core 0.16.1, ``optimizer.py:1308-1338``) with the fixed
-  ``--clip-grad`` replaced by the ZClip decision. The object stays the same, so Megatron-LM's attribute
-  reads (``chained_optimizers``, ``param_groups``, ``get_loss_scale()``...) and type checks still work.
-* The norm is Megatron's own ``get_grad_norm()`` (one pass, one ``.item()``, as stock); it is made
-  identical on every rank with :func:`zclip_dist.clipper.agree` where Megatron's reduction does not
-  already span the world (non-distributed optimizer with DP > 1, or dense and expert groups apart).
-* Megatron's norm is already a Python float (its one ``.item()``), so the ZClip statistics run on
-  the host (a CPU-resident :class:`~zclip_dist.clipper.Clipper`): no device sync, no kernel. The
-  decision's ``clip_to`` goes to Megatron's own ``clip_grad_by_total_norm_fp32`` as ``max_norm``, in
-  place of ``--clip-grad``: the same pass, multiplying only when clipping, as stock Megatron does.
-* A non-finite norm returns ``(False, norm, None)``: Megatron-LM skips the update and counts a skipped
-  iteration; the statistics do not move. Megatron's norm is already a host float, so this branch
-  costs no sync.
+* Megatron's norm is already a Python float (its one ``.item()``); it is made identical on every rank
+  with :func:`zclip_dist.clipper.agree` only where Megatron's reduction does not already span the world
+  (non-distributed optimizer with DP > 1, or dense and expert groups apart).
 * The expert-TP norm bug of megatron-core < 0.19 (NVIDIA/Megatron-LM PR #5916) is fixed by giving expert
   sub-optimizers the expert tensor-parallel group for their duplicate test (:func:`fix_expert_tp_norm`).
-* ZClip state rides along in ``state_dict``/``sharded_state_dict`` under the key ``"zclip"`` and is
-  removed again in ``load_state_dict`` before Megatron sees it.
-
-The plumbing both methods share (:func:`prepare`, :func:`megatron_norm`, :func:`finish_step`, the
-checkpoint entries, :func:`log_metrics`) lives here; AdaGC's per-tensor part is
-:mod:`zclip_dist.integrations.megatron_adagc`.
+* State rides along in ``state_dict``/``sharded_state_dict`` under the method's key and is removed again
+  in ``load_state_dict`` before Megatron sees it.
 """
 
 from __future__ import annotations
@@ -36,15 +23,9 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from ..clipper import Clipper, agree, host_value, verify_same_config
-from ..config import ZClipConfig
+from ..clipper import agree, verify_same_config
 
-try:  # the module-level name stock ChainedOptimizer.step calls
-    from megatron.core.optimizer.optimizer import clip_grad_by_total_norm_fp32
-except ImportError:  # pragma: no cover - megatron-core is an optional extra
-    clip_grad_by_total_norm_fp32 = None
-
-__all__ = ["attach", "attached_optimizer", "is_attached", "method_of", "clipper_of", "sub_optimizers", "fix_expert_tp_norm",
+__all__ = ["attached_optimizer", "is_attached", "method_of", "clipper_of", "sub_optimizers", "fix_expert_tp_norm",
            "log_metrics", "core_version", "STATE_KEY", "STATE_KEYS", "LOG_METRICS"]
 
 logger = logging.getLogger("zclip_dist.megatron")
@@ -134,54 +115,6 @@ def _device_of(optimizer: Any) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-class _Overrides:
-    """Methods copied into a one-level subclass of the optimizer's class by :func:`attach`.
-
-    Not a base class: CPython refuses ``__class__`` assignment when a mixin sits in front of the
-    optimizer's class, so :func:`attach` builds ``type(name, (cls,), these methods)`` and the methods
-    reach the original implementation through ``self._zclip_base`` instead of ``super()``.
-    """
-
-    zclip: Clipper
-    _zclip_config: ZClipConfig
-    _zclip_group: dist.ProcessGroup | None
-    _zclip_base: type
-
-    @torch.no_grad()
-    def step(self):  # noqa: D401 - Megatron's signature: (update_successful, grad_norm, num_zeros_in_grad)
-        """Stock ChainedOptimizer.step with the fixed clip replaced by ZClip's decision."""
-        if self.prepare_grads():  # found inf/NaN through the loss scaler: Megatron's own skip, stats untouched
-            return False, None, None
-        grad_norm, finite = megatron_norm(self, self._zclip_config.nonfinite)
-        decision = self.zclip.step(torch.tensor(grad_norm, dtype=torch.float64))  # host state: exactly once
-        if not finite and self._zclip_config.nonfinite == "skip":
-            return False, grad_norm, None  # Megatron-LM skips the LR step and counts a skipped iteration
-        max_norm = host_value(decision.clip_to)  # +inf when not clipping
-        if finite and max_norm < math.inf:
-            for sub in sub_optimizers(self):
-                if getattr(sub, "is_stub_optimizer", False) or not sub.get_parameters():
-                    continue
-                clip_grad_by_total_norm_fp32(
-                    sub.get_parameters(), max_norm=max_norm, total_norm=grad_norm,
-                    use_decoupled_grad=uses_decoupled_grad(sub))
-        return finish_step(self, grad_norm)
-
-    # ---- checkpoints: one extra entry, removed before Megatron sees the dict ----------------------
-    def state_dict(self, *args, **kwargs):
-        return with_entry(self._zclip_base.state_dict(self, *args, **kwargs), STATE_KEY, self.zclip.state_dict())
-
-    def sharded_state_dict(self, *args, **kwargs):
-        # Replicated state: a plain entry, which dist_checkpointing saves once as common state.
-        return with_entry(self._zclip_base.sharded_state_dict(self, *args, **kwargs), STATE_KEY,
-                          self.zclip.state_dict())
-
-    def load_state_dict(self, state_dict, *args, **kwargs):
-        state_dict, saved = pop_entries(state_dict, STATE_KEY, "ZClip")
-        if saved is not None:
-            self.zclip.load_state_dict(saved)
-        return self._zclip_base.load_state_dict(self, state_dict, *args, **kwargs)
-
-
 def megatron_norm(optimizer: Any, nonfinite: str) -> tuple[float, bool]:
     """Megatron's own global norm (its one pass and ``.item()``), identical on every rank; and whether finite.
 
@@ -264,7 +197,7 @@ def prepare(optimizer: Any, config: Any, method: str, overrides: type) -> None:
     """What both methods do to the optimizer object: checks, the PR #5916 fix, the class swap, the norm group.
 
     The class becomes a one-level subclass holding ``step`` and the checkpoint methods of ``overrides``
-    (see :class:`_Overrides` for why not a mixin); the object stays the same.
+    (see :class:`zclip_dist.megatron.zclip._Overrides` for why not a mixin); the object stays the same.
     """
     if is_attached(optimizer):
         raise ValueError(f"{method_of(optimizer)} is already attached to this optimizer; ZClip and AdaGC are two "
@@ -293,20 +226,6 @@ def register(optimizer: Any) -> Any:
     clipper_of(optimizer).check_config = False
     _ATTACHED[:] = [optimizer]
     return optimizer
-
-
-def attach(optimizer: Any, config: ZClipConfig) -> Any:
-    """Attach ZClip to ``optimizer`` in place and return it (the same object).
-
-    Accepts what ``get_megatron_optimizer`` returns: ``ChainedOptimizer`` (dense + expert
-    sub-optimizers), ``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``.
-    """
-    prepare(optimizer, config, "zclip", _Overrides)
-    # "raise" is enforced in megatron_norm on the host float; the clipper itself would read its flag every step.
-    inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
-    # The norm arrives as a host float: the statistics live on the CPU, where reading them costs nothing.
-    optimizer.zclip = Clipper(inner, device="cpu")
-    return register(optimizer)
 
 
 def attached_optimizer() -> Any:

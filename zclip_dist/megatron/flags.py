@@ -1,22 +1,5 @@
-"""ZClip and AdaGC for Megatron: ``--zclip*`` / ``--adagc*`` flags, the optimizer hook and metrics.
-
-Typical use in a Megatron-LM training script (or through ``python -m zclip_dist.megatron_launch``,
-which does this to the stock ``pretrain_gpt.py`` without editing it)::
-
-    from zclip_dist import megatron as zmeg
-    pretrain(..., extra_args_provider=zmeg.add_arguments)          # --zclip*, --adagc*
-    optimizer = get_megatron_optimizer(config, model, ...)
-    config = zmeg.clipping_config(args)                            # ZClipConfig, AdaGCConfig or None
-    if config is not None:
-        optimizer = zmeg.wrap_optimizer(optimizer, config, model=model)
-
-Flag names are the config field names with dashes: ``--zclip-alpha``, ``--zclip-z-thresh``,
-``--zclip-max-grad-norm``, ...; ``--adagc-clip-ratio``, ``--adagc-beta``, ``--adagc-warmup-steps``, ...
-When ``--zclip-max-grad-norm`` is not given, Megatron's ``--clip-grad`` is the cap (``--clip-grad 0``
-means no cap), so turning ZClip on keeps the ceiling a run had. When ``--adagc-max-grad-norm`` is not
-given, ``--clip-grad`` (when > 0) is AdaGC's lambda_abs, the warmup's global clip. ``--zclip`` and
-``--adagc`` together are refused.
-"""
+"""The ``--zclip*`` / ``--adagc*`` command-line flags and the configs they make. Pure argparse: no
+megatron import, so a launcher can add and validate the flags before anything is built."""
 
 from __future__ import annotations
 
@@ -26,16 +9,19 @@ import warnings
 from dataclasses import fields
 from typing import Any, Sequence
 
-from .config import (ADAGC_MODES, CLIP_OPTIONS, MODES, NONFINITE_POLICIES, AdaGCConfig, ConfigError, ZClipConfig,
-                     attribute_docs)
-from .integrations import megatron_adagc
-from .integrations.megatron import LOG_METRICS, attach, attached_optimizer, clipper_of, log_metrics
+from ..config import (
+    ADAGC_MODES,
+    CLIP_OPTIONS,
+    MODES,
+    NONFINITE_POLICIES,
+    AdaGCConfig,
+    ConfigError,
+    ZClipConfig,
+    attribute_docs,
+)
 
-__all__ = ["add_arguments", "config_from_args", "adagc_config_from_args", "clipping_config", "wrap_optimizer",
-           "enabled", "adagc_enabled", "clipping_enabled", "log_metrics", "clipper_of", "attached_optimizer",
-           "flag_name", "adagc_flag_name", "LOG_METRICS", "ADAGC_LOG_METRICS"]
-
-ADAGC_LOG_METRICS = megatron_adagc.LOG_METRICS
+__all__ = ["add_arguments", "config_from_args", "adagc_config_from_args", "clipping_config", "enabled",
+           "adagc_enabled", "clipping_enabled", "flag_name", "adagc_flag_name"]
 
 _NONE = "none"
 
@@ -223,22 +209,3 @@ def clipping_config(args: argparse.Namespace) -> ZClipConfig | AdaGCConfig | Non
     if enabled(args):
         return config_from_args(args)
     return None
-
-
-def wrap_optimizer(optimizer: Any, config: ZClipConfig | AdaGCConfig, model: Any = None) -> Any:
-    """Attach ZClip or AdaGC to what ``get_megatron_optimizer`` returned; returns the same object.
-
-    ZClip works for ``ChainedOptimizer`` (dense + expert sub-optimizers), ``DistributedOptimizer``,
-    ``Float16OptimizerWithFloat16Params`` and ``FP32Optimizer``; AdaGC for the same without expert
-    sub-optimizers. After this, ``optimizer.step()`` uses Megatron's own global norm, makes it identical
-    on every rank, clips (ZClip: to its threshold; AdaGC: each tensor by its coefficient), skips the
-    update on a non-finite norm (``update_successful=False``) and updates the statistics exactly once;
-    ``state_dict``/``sharded_state_dict``/``load_state_dict`` carry the state.
-
-    ``model``: the model chunks; AdaGC keys gamma by their parameter names (ZClip ignores it).
-    """
-    if isinstance(config, AdaGCConfig):
-        return megatron_adagc.attach(optimizer, config, model=model)
-    if not isinstance(config, ZClipConfig):
-        raise TypeError(f"wrap_optimizer needs a ZClipConfig or an AdaGCConfig, got {type(config).__name__}")
-    return attach(optimizer, config)

@@ -1,0 +1,90 @@
+"""ZClip and AdaGC for DeepSpeed: put a ``"zclip": {...}`` or an ``"adagc": {...}`` entry in the DeepSpeed
+config, then use one of
+
+* ``zclip_dist.deepspeed.initialize(...)``: same signature and return value as ``deepspeed.initialize``;
+* ``zclip_dist.deepspeed.attach(engine)``: for an engine that is already built;
+* ``deepspeed --module zclip_dist.deepspeed.launch train.py ...`` or ``torchrun -m zclip_dist.deepspeed.launch
+  train.py ...``: an unchanged script that calls ``deepspeed.initialize`` (see :mod:`zclip_dist.deepspeed.launch`).
+
+Without either entry nothing changes; both at once are refused. Keys are those of
+:class:`~zclip_dist.config.ZClipConfig` / :class:`~zclip_dist.config.AdaGCConfig` (``mode``, ``clip_ratio``,
+``beta``, ``warmup_steps``, ``max_grad_norm``, ``eps``, ``nonfinite``); ``gradient_clipping`` is ZClip's
+cap / AdaGC's lambda_abs when ``max_grad_norm`` is not given. The state travels in
+``engine.save_checkpoint`` / ``engine.load_checkpoint`` (AdaGC's keyed by parameter name, so a different
+DP size can resume); metrics go to the engine's monitor as ``Train/zclip/<name>`` / ``Train/adagc/<name>``.
+``MegatronMPU()`` adapts megatron-core ``parallel_state`` to DeepSpeed's ``mpu``.
+
+Modules: ``config`` (the entries), ``groups`` (the engine's process groups), ``attachment`` (what both
+methods share: step bracket, checkpoints, metrics, refusals), ``zclip`` and ``adagc`` (each method's
+hooks on every optimizer path), ``zero_layouts`` (ZeRO partition offsets), ``launch`` (the launcher
+module). Only this package touches DeepSpeed's private names; how each path works is in
+``docs/internals/deepspeed.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..config import AdaGCConfig, ZClipConfig
+from .adagc import DeepSpeedAdaGC
+from .config import (
+    ADAGC_CONFIG_KEY,
+    CLIENT_STATE_KEY,
+    CONFIG_KEY,
+    UnsupportedConfiguration,
+    resolve_config,
+)
+from .groups import MegatronMPU
+from .zclip import DeepSpeedZClip
+
+__all__ = ["initialize", "attach", "resolve_config", "DeepSpeedZClip", "DeepSpeedAdaGC", "MegatronMPU",
+           "UnsupportedConfiguration", "CONFIG_KEY", "ADAGC_CONFIG_KEY", "CLIENT_STATE_KEY"]
+
+
+def _deepspeed_initialize() -> Any:
+    """DeepSpeed's own ``initialize``, also once :mod:`zclip_dist.deepspeed.launch` has replaced the public
+    name. Imported here, not at module level: ``zclip_dist.deepspeed.config`` (read by ``zclip-dist
+    replay --ds-config``) must import without DeepSpeed installed."""
+    import deepspeed
+
+    return getattr(deepspeed, "_zclip_dist_original_initialize", deepspeed.initialize)
+
+
+def initialize(*args: Any, **kwargs: Any) -> tuple:
+    """``deepspeed.initialize`` plus ZClip or AdaGC when the config has a ``"zclip"`` / ``"adagc"`` entry.
+
+    Same signature; returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` exactly as DeepSpeed
+    does. The attachment is ``engine._zclip`` (either method). An invalid value, or both entries, raises
+    :class:`~zclip_dist.config.ConfigError` naming the key, before the engine is built when the config
+    is passed as a dict.
+    """
+    for key in ("config", "config_params"):  # fail before building an engine when we can read the config
+        if isinstance(kwargs.get(key), Mapping):
+            resolve_config(kwargs[key])
+    result = _deepspeed_initialize()(*args, **kwargs)
+    attach(result[0])
+    return result
+
+
+def attach(engine: Any, config: ZClipConfig | AdaGCConfig | Mapping[str, Any] | None = None
+           ) -> DeepSpeedZClip | DeepSpeedAdaGC | None:
+    """Attach ZClip or AdaGC to a built engine; ``None`` (nothing changed) when the config has neither a
+    ``"zclip"`` nor an ``"adagc"`` entry.
+
+    ``config``: a :class:`ZClipConfig` or :class:`AdaGCConfig`, a mapping of ZClip settings, or ``None``
+    to read the engine's DeepSpeed config. The attachment is ``engine._zclip`` for either method;
+    attaching twice returns the first attachment.
+    """
+    existing = getattr(engine, "_zclip", None)
+    if existing is not None:
+        return existing
+    if config is None:
+        config = resolve_config(engine._config._param_dict)
+    elif isinstance(config, Mapping):
+        others = {k: v for k, v in engine._config._param_dict.items() if k != ADAGC_CONFIG_KEY}
+        config = resolve_config({**others, CONFIG_KEY: dict(config)})
+    if config is None:
+        return None
+    hook = DeepSpeedAdaGC(engine, config) if isinstance(config, AdaGCConfig) else DeepSpeedZClip(engine, config)
+    engine._zclip = hook
+    return hook

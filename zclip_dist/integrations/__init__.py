@@ -1,1 +1,0 @@
-"""Front ends: the PyTorch drop-in and Lightning callback here; DeepSpeed and Megatron adapters."""
