@@ -68,3 +68,44 @@ def test_adagc_recovery():
     others = np.array([c for i, c in enumerate(after) if i not in spikes])
     assert others.mean() < 0.05, others.mean()
     assert all(fast[t] for t in SPIKES_AFTER)
+
+
+def test_adagc_recovery_counts_like_zclip():
+    """``recovery_steps=R``: the first R over-limit steps of a run are clipped, the (R+1)-th is accepted,
+    in both methods (AdaGC used to accept the R-th, so R=1 never clipped at all)."""
+    norms = levels(1.0, noise=0.01)
+    norms[SHIFT_AT] *= 6.0  # one isolated spike
+    for r in (1, 3):
+        assert adagc_clips(AdaGCConfig(warmup_steps=100, max_grad_norm=100.0, recovery_steps=r), norms)[SHIFT_AT]
+        assert zclip_clips(ZClipConfig(max_grad_norm=None, recovery_steps=r), norms)[SHIFT_AT]
+    run = levels(10.0, noise=0.01)  # a permanent x10 rise at SHIFT_AT
+    fast = adagc_clips(AdaGCConfig(warmup_steps=100, max_grad_norm=100.0, recovery_steps=3), run)
+    assert fast[SHIFT_AT:SHIFT_AT + 4].tolist() == [True, True, True, False]
+
+
+def test_adagc_streak_survives_resume():
+    """A run of over-limit steps cut by a checkpoint continues exactly: the streak is saved by name."""
+    from zclip_dist.clipper import AdaGCClipper
+
+    cfg = AdaGCConfig(warmup_steps=100, max_grad_norm=100.0, recovery_steps=5)
+    run = levels(10.0, noise=0.01)
+
+    def feed(clipper, norms):
+        out = []
+        for g in norms:
+            sq = torch.tensor([g * g, 1.0], dtype=torch.float32)
+            out.append(clipper.step(sq, sq.sum().sqrt()).coefs.clone())
+        return out
+
+    straight = AdaGCClipper(cfg, cuda_graph=False)
+    straight.bind(["w", "b"], torch.device("cpu"))
+    expected = feed(straight, run[:SHIFT_AT + 20])
+    first = AdaGCClipper(cfg, cuda_graph=False)
+    first.bind(["w", "b"], torch.device("cpu"))
+    got = feed(first, run[:SHIFT_AT + 2])  # stop two steps into the over-limit run
+    assert first.state_dict()["streak"] == {"w": 2}
+    resumed = AdaGCClipper(cfg, cuda_graph=False)
+    resumed.load_state_dict(first.state_dict())
+    resumed.bind(["w", "b"], torch.device("cpu"))
+    got += feed(resumed, run[SHIFT_AT + 2:SHIFT_AT + 20])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -78,8 +78,9 @@ def adagc_update(config: AdaGCConfig, state: AdaGCState, sq_norms: Tensor, globa
     over = seen & (n > limit) & ~warm
     streak = torch.where(over, state.streak + 1, torch.zeros_like(state.streak))
     if cfg.recovery_steps is not None:
-        # A tensor clipped for recovery_steps steps in a row has moved for good: take its norm as gamma.
-        reset = streak >= cfg.recovery_steps
+        # A tensor over its limit on more than recovery_steps steps in a row has moved for good: take its
+        # norm as gamma. ``>`` as in ZClip: the first recovery_steps of a run are still clipped.
+        reset = streak > cfg.recovery_steps
         over = over & ~reset
         streak = torch.where(reset, torch.zeros_like(streak), streak)
     else:

@@ -330,14 +330,11 @@ class AdaGCClipper(_JsonlLog):
             return
         old = self._by_name()
         fresh = init_adagc_state(self.config, len(names), device)
-        gamma, seen = fresh.gamma.clone(), fresh.seen.clone()
-        if self.config.mode == "adagc-global":
-            if "__global__" in old:
-                gamma[0], seen[0] = old["__global__"]
-        else:
-            for i, n in enumerate(names):
-                if n in old:
-                    gamma[i], seen[i] = old[n]
+        gamma, seen, streak = fresh.gamma.clone(), fresh.seen.clone(), fresh.streak.clone()
+        keys = ("__global__",) if self.config.mode == "adagc-global" else names
+        for i, n in enumerate(keys):
+            if n in old:
+                gamma[i], seen[i], streak[i] = old[n]
         count = fresh.count if self.state is None else self.state.count.to(device)
         nonfinite = fresh.num_nonfinite if self.state is None else self.state.num_nonfinite.to(device)
         if self._saved is not None:
@@ -345,16 +342,19 @@ class AdaGCClipper(_JsonlLog):
             nonfinite = torch.tensor(int(self._saved["num_nonfinite"]), device=device)
             self._saved = None
         self.names = names
-        self.state = AdaGCState(count=count, gamma=gamma, seen=seen, num_nonfinite=nonfinite, streak=fresh.streak)
+        self.state = AdaGCState(count=count, gamma=gamma, seen=seen, num_nonfinite=nonfinite, streak=streak)
         self._graph = None  # the captured graph points at the old state tensors
 
-    def _by_name(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def _by_name(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """``name -> (gamma, seen, streak)``; a checkpoint from before ``streak`` was saved resumes at 0."""
         if self._saved is not None:
-            return {k: (torch.tensor(v[0]), torch.tensor(v[1])) for k, v in self._saved["gamma"].items()}
+            streaks = self._saved.get("streak") or {}
+            return {k: (torch.tensor(v[0]), torch.tensor(v[1]), torch.tensor(int(streaks.get(k, 0))))
+                    for k, v in self._saved["gamma"].items()}
         if self.state is None:
             return {}
         keys = ("__global__",) if self.config.mode == "adagc-global" else self.names
-        return {k: (self.state.gamma[i], self.state.seen[i]) for i, k in enumerate(keys)}
+        return {k: (self.state.gamma[i], self.state.seen[i], self.state.streak[i]) for i, k in enumerate(keys)}
 
     def _update(self, sq_norms: Tensor, global_norm: Tensor) -> AdaGCDecision:
         new_state, decision = adagc_update(self.config, self.state, sq_norms, global_norm)
@@ -397,7 +397,9 @@ class AdaGCClipper(_JsonlLog):
             "config": self.config.to_dict(),
             "count": int(count),
             "num_nonfinite": int(nonfinite),
-            "gamma": {k: (float(g), bool(s)) for k, (g, s) in by_name.items()},
+            "gamma": {k: (float(g), bool(s)) for k, (g, s, _) in by_name.items()},
+            # recovery_steps counts a run of over-limit steps across a resume too
+            "streak": {k: int(r) for k, (_, _, r) in by_name.items() if int(r)},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any] | None) -> None:
@@ -408,5 +410,6 @@ class AdaGCClipper(_JsonlLog):
         _check_format(state_dict, ADAGC_STATE_FORMAT)
         _warn_changed(state_dict.get("config", {}), self.config)
         self._saved = {k: state_dict[k] for k in ("count", "num_nonfinite", "gamma")}
+        self._saved["streak"] = state_dict.get("streak", {})
         if self.names:
             self.bind(self.names, self.state.gamma.device)

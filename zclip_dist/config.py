@@ -186,8 +186,9 @@ class AdaGCConfig(_FromDict):
             (``gradient_clipping`` / ``--clip-grad``) when this is not given; otherwise 1.0.
         eps: added to norms in denominators.
         nonfinite: as for :class:`ZClipConfig`; a non-finite step never enters gamma.
-        recovery_steps: opt-in (``None``: the official behaviour). A tensor clipped on this many
-            consecutive steps has its gamma reset to its current norm: a permanent rise is accepted at
+        recovery_steps: opt-in (``None``: the official behaviour). A tensor over its limit on more than
+            this many consecutive steps has its gamma reset to its current norm (the first ones are
+            clipped, as in ZClip): a permanent rise is accepted at
             once instead of over thousands of steps (gamma can grow by at most ``beta + (1-beta)*clip_ratio``
             per step, 5,758 steps for a 10x rise at the defaults). Isolated spikes are still clipped.
         log_jsonl, log_interval: as for :class:`ZClipConfig`.
