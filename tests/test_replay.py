@@ -316,9 +316,13 @@ def test_long_trace_plot_keeps_every_event(tmp_path):
     x, lo, hi = plotting.envelope(trace.steps, trace.norms, plotting.BINS)
     assert len(x) == plotting.BINS and max(hi) == max(v for v in norms if v == v)  # a single step keeps its height
     fig = plotting.figure(result)
-    scatters = {c.get_label(): len(c.get_offsets()) for c in fig.axes[0].collections if c.get_label()[:1] != "_"}
-    assert scatters[f"clipped by ZClip ({sum(result.zclip['clipped'])})"] == sum(result.zclip["clipped"])
-    assert scatters["non-finite norm (1)"] == 1
+    drawn = {c.get_gid(): len(c.get_offsets()) for c in fig.axes[0].collections if c.get_gid()}
+    assert sum(result.adagc["clipped"]) > plotting.MANY_EVENTS  # the dense case: every one drawn, the largest marked
+    assert drawn["clipped by ZClip"] == sum(result.zclip["clipped"]) > 10
+    assert drawn["clipped by AdaGC-global"] == sum(result.adagc["clipped"])
+    assert drawn["clipped by AdaGC-global: largest"] == plotting.MANY_EVENTS
+    labels = [c.get_label() for c in fig.axes[0].collections]
+    assert "non-finite norm (1)" in labels
     lines = [len(line.get_xdata()) for line in fig.axes[0].lines]
     assert max(lines) <= plotting.BINS  # decimated
     png = tmp_path / "long.png"

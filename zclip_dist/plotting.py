@@ -2,19 +2,21 @@
 
 A million steps do not fit in 1,400 pixels: past :data:`MAX_POINTS` steps the norm and both thresholds
 are drawn as min/max envelopes over equal bins of steps (so a one-step spike still reaches its height),
-while every event -- each clipped step, each non-finite step, each regime shift -- keeps its own marker.
+while every event -- each clipped step, each non-finite step, each regime shift -- is drawn at its own
+step; past :data:`MANY_EVENTS` of a kind they are dots, and the largest (furthest over the threshold)
+keep the full marker, so a band of routine clips does not bury the spikes.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Sequence
 
-__all__ = ["plot_replay", "figure", "save", "envelope", "MAX_POINTS", "BINS"]
+__all__ = ["plot_replay", "figure", "save", "envelope", "MAX_POINTS", "BINS", "MANY_EVENTS"]
 
 MAX_POINTS = 4000  # up to this many steps: every step drawn as a line
 BINS = 1400  # beyond: this many min/max bins (about one per pixel column at the saved size)
+MANY_EVENTS = 500  # beyond this many events of a kind, all are dots and the largest this many keep a marker
 
 
 def envelope(xs: Sequence[float], ys: Sequence[float], bins: int) -> tuple[Any, Any, Any]:
@@ -32,16 +34,38 @@ def envelope(xs: Sequence[float], ys: Sequence[float], bins: int) -> tuple[Any, 
     return x[starts], lo, hi
 
 
-def _draw(ax: Any, xs: Sequence[float], ys: Sequence[float], decimate: bool, **style: Any) -> None:
+def _draw(ax: Any, xs: Any, ys: Any, decimate: bool, **style: Any) -> None:
+    import numpy as np
+
+    y = np.asarray(ys, dtype=np.float64)
     if not decimate:
-        ax.plot(xs, [v if math.isfinite(v) else math.nan for v in ys], **style)
+        ax.plot(xs, np.where(np.isfinite(y), y, np.nan), **style)
         return
-    x, lo, hi = envelope(xs, ys, BINS)
+    x, lo, hi = envelope(xs, y, BINS)
     label = style.pop("label", None)
-    color = style.get("color")
-    ax.fill_between(x, lo, hi, step="post", color=color, alpha=0.35, lw=0, label=label)
-    ax.plot(x, hi, drawstyle="steps-post", **{**style, "lw": 0.6})
-    ax.plot(x, lo, drawstyle="steps-post", **{**style, "lw": 0.6})
+    ax.fill_between(x, lo, hi, step="post", color=style.get("color"), alpha=0.35, lw=0, label=label,
+                    zorder=style.get("zorder", 1))
+    edge = {**style, "lw": 0.75 * style.get("lw", 1.0)}
+    ax.plot(x, hi, drawstyle="steps-post", **edge)
+    ax.plot(x, lo, drawstyle="steps-post", **edge)
+
+
+def _events(ax: Any, x: Any, y: Any, flags: Any, label: str, many: int, weight: Any = None, **style: Any) -> None:
+    """One marker per flagged step. Past ``many`` events every one is a small dot, and the ``many``
+    heaviest (``weight``: how far over the threshold) keep the full marker."""
+    import numpy as np
+
+    at = np.flatnonzero(np.asarray(flags, dtype=bool))
+    text = f"{label} ({len(at):,})"
+    if len(at) > many:
+        dots = {"s": 3, "marker": ".", "lw": 0, "alpha": 0.3, "zorder": style.get("zorder"),
+                "color": style.get("edgecolors", style.get("color"))}
+        ax.scatter(x[at], y[at], rasterized=True, gid=label, **dots)
+        w = y[at] if weight is None else np.asarray(weight, dtype=np.float64)[at]
+        at = at[np.argsort(-np.nan_to_num(w, nan=-np.inf), kind="stable")[:many]]
+        text += f", the {many:,} largest marked"
+        label = f"{label}: largest"
+    ax.scatter(x[at], y[at], label=text, rasterized=True, gid=label, **style)
 
 
 def plot_replay(result: Any, path: str) -> str:
@@ -66,40 +90,46 @@ def figure(result: Any) -> Any:
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
 
+    import numpy as np
+
     t, z, a = result.trace, result.zclip, result.adagc
-    steps, norms = t.steps, t.norms
-    decimate = len(steps) > MAX_POINTS
-    fig, ax = plt.subplots(figsize=(12.8, 4.8))
+    steps, norms = np.asarray(t.steps, dtype=np.float64), np.asarray(t.norms, dtype=np.float64)
+    n = len(steps)
+    decimate = n > MAX_POINTS
+    many = MANY_EVENTS
+    fig, ax = plt.subplots(figsize=(14, 4.8))
     _draw(ax, steps, norms, decimate, color="0.45", lw=0.8,
-          label="grad norm" + (f" (min/max of every {len(steps) // BINS} steps)" if decimate else ""))
-    live = [i for i, w in enumerate(z["warmup"]) if not w]
-    if live:
-        _draw(ax, [steps[i] for i in live], [z["threshold"][i] for i in live], decimate and len(live) > MAX_POINTS,
-              color="tab:blue", lw=1, label="ZClip threshold")
-    zc = [i for i, c in enumerate(z["clipped"]) if c]
-    ax.scatter([steps[i] for i in zc], [norms[i] for i in zc], s=12, color="tab:blue", marker="o", lw=0,
-               label=f"clipped by ZClip ({len(zc)})", zorder=3)
-    shifts = [i for i, r in enumerate(z["regime_shift"]) if r]
-    if shifts:
-        ax.scatter([steps[i] for i in shifts], [norms[i] for i in shifts], s=30, color="tab:green", marker="^",
-                   label=f"regime shift, accepted by ZClip ({len(shifts)})", zorder=4)
+          label="grad norm" + (f" (min/max of every {n // BINS} steps)" if decimate else ""))
+    live = ~np.asarray(z["warmup"], dtype=bool)
+    if live.any():  # thresholds drawn over the markers: they stay visible where every step is clipped
+        _draw(ax, steps[live], np.asarray(z["threshold"])[live], decimate and live.sum() > MAX_POINTS,
+              color="navy", lw=1.4, label="ZClip threshold", zorder=4)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        over = norms / np.asarray(z["threshold"], dtype=np.float64)
+    _events(ax, steps, norms, z["clipped"], "clipped by ZClip", many, over, s=12, color="tab:blue", marker="o",
+            lw=0, zorder=3)
+    if any(z["regime_shift"]):
+        _events(ax, steps, norms, z["regime_shift"], "regime shift, accepted by ZClip", many, s=30,
+                color="tab:green", marker="^", zorder=5)
     if a is not None:
-        _draw(ax, steps, a["threshold"], decimate, color="tab:orange", lw=1, ls="--", label="AdaGC-global threshold")
-        ac = [i for i, c in enumerate(a["clipped"]) if c]
-        ax.scatter([steps[i] for i in ac], [norms[i] for i in ac], s=28, facecolors="none",
-                   edgecolors="tab:orange", marker="s", lw=0.8, label=f"clipped by AdaGC-global ({len(ac)})", zorder=2)
-    bad = [steps[i] for i, v in enumerate(norms) if not math.isfinite(v)]
-    if bad:  # no height to draw: a tick on the top edge
+        _draw(ax, steps, a["threshold"], decimate, color="saddlebrown", lw=1.4, ls="--",
+              label="AdaGC-global threshold", zorder=4)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            over = norms / np.asarray(a["threshold"], dtype=np.float64)
+        _events(ax, steps, norms, a["clipped"], "clipped by AdaGC-global", many, over, s=28, facecolors="none",
+                edgecolors="tab:orange", marker="s", lw=0.8, zorder=2)
+    bad = ~np.isfinite(norms)
+    if bad.any():  # no height to draw: a tick on the top edge
         top = blended_transform_factory(ax.transData, ax.transAxes)
-        ax.scatter(bad, [0.98] * len(bad), transform=top, marker="v", color="tab:red", s=24,
-                   label=f"non-finite norm ({len(bad)})", zorder=5, clip_on=False)
-    finite = [v for v in norms if math.isfinite(v) and v > 0]
-    if finite and max(finite) / min(finite) > 20:
+        ax.scatter(steps[bad], np.full(int(bad.sum()), 0.98), transform=top, marker="v", color="tab:red", s=24,
+                   label=f"non-finite norm ({int(bad.sum()):,})", zorder=6, clip_on=False)
+    positive = norms[np.isfinite(norms) & (norms > 0)]
+    if len(positive) and positive.max() / positive.min() > 20:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("global grad norm")
-    ax.set_title(f"replay of {os.path.basename(os.path.normpath(t.source))}: {len(steps):,} steps")
+    ax.set_title(f"replay of {os.path.basename(os.path.normpath(t.source))}: {n:,} steps")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig

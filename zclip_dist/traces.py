@@ -86,28 +86,31 @@ def _number(value: Any, path: str, where: str) -> float:
         raise TraceError(f"{path}: {where}: {value!r} is not a number") from None
 
 
-def _finish(path: str, field_name: str, rows: list[tuple[int, float, dict[str, Any]]], *,
+def _finish(path: str, field_name: str, steps: list[int], norms: list[float], columns: dict[str, list[Any]], *,
             keep_last: bool = False, notes: list[str] | None = None, header: dict[str, Any] | None = None) -> Trace:
-    """Sort by step, check the norms, split the other metrics into aligned columns."""
-    if not rows:
+    """Order by step, check the norms; ``columns`` are the other metrics, aligned with ``steps``."""
+    if not steps:
         raise TraceError(f"{path}: no gradient-norm values in {field_name!r}")
     notes = list(notes or [])
+    order: list[int] | None = None  # the rows to keep, in step order (None: all, as they are)
     if keep_last:  # a resumed run logs the steps after its checkpoint again: the later lines are the run's
-        by_step = {step: (step, norm, extra) for step, norm, extra in rows}
-        if len(by_step) < len(rows):
-            notes.append(f"{len(rows) - len(by_step)} steps were logged twice (a resumed run); the later ones are used")
-        rows = list(by_step.values())
-    rows.sort(key=lambda r: r[0])
-    steps = [s for s, _, _ in rows]
-    if len(set(steps)) != len(steps):
-        raise TraceError(f"{path}: step numbers repeat in {field_name!r} (several runs in one file? pick one with --run)")
-    for step, norm, _ in rows:
-        if norm < 0:
-            raise TraceError(f"{path}: the norm at step {step} is {norm!r}: a gradient norm is never negative")
-    names = dict.fromkeys(k for _, _, extra in rows for k in extra)
-    columns = {name: [extra.get(name) for _, _, extra in rows] for name in names}
-    return Trace(steps=steps, norms=[n for _, n, _ in rows], source=path, field=field_name, header=header,
-                 columns=columns, notes=notes)
+        last = {step: i for i, step in enumerate(steps)}
+        if len(last) < len(steps):
+            notes.append(f"{len(steps) - len(last)} steps were logged twice (a resumed run); the later ones are used")
+            order = sorted(last.values())
+    kept = steps if order is None else [steps[i] for i in order]
+    if any(a >= b for a, b in zip(kept, kept[1:])):
+        order = sorted(order if order is not None else range(len(steps)), key=steps.__getitem__)
+        if any(steps[a] == steps[b] for a, b in zip(order, order[1:])):
+            raise TraceError(f"{path}: step numbers repeat in {field_name!r} (several runs in one file? pick one with --run)")
+    if order is not None:
+        steps, norms = [steps[i] for i in order], [norms[i] for i in order]
+        columns = {k: [v[i] for i in order] for k, v in columns.items()}
+    negative = next((i for i, v in enumerate(norms) if v < 0), None)
+    if negative is not None:
+        raise TraceError(f"{path}: the norm at step {steps[negative]} is {norms[negative]!r}: "
+                         "a gradient norm is never negative")
+    return Trace(steps=steps, norms=norms, source=path, field=field_name, header=header, columns=columns, notes=notes)
 
 
 # ---- JSONL --------------------------------------------------------------------------------------
@@ -150,15 +153,17 @@ def read_jsonl(path: str, field_name: str | None = None, run: str | None = None)
     keys = dict.fromkeys(k for r in records for k in r if k not in (NONFINITE_KEY, "run"))
     key = _pick(keys, field_name, "key", path)
     step_key = next((k for k in STEP_KEYS if all(k in r for r in records)), None)
-    rows = []
+    others = [k for k in keys if k not in (key, step_key)]
+    steps, norms, columns = [], [], {k: [] for k in others}
     for i, r in enumerate(records):
         norm = _value(r, key)
         if norm is None:
             continue
-        step = int(_number(r[step_key], path, f"record {i + 1}")) if step_key else i
-        extra = {k: _value(r, k) for k in keys if k not in (key, step_key)}
-        rows.append((step, _number(norm, path, f"record {i + 1}"), extra))
-    return _finish(path, key, rows, keep_last=len(headers) > 1, notes=notes, header=header)
+        steps.append(int(_number(r[step_key], path, f"record {i + 1}")) if step_key else i)
+        norms.append(_number(norm, path, f"record {i + 1}"))
+        for k in others:
+            columns[k].append(_value(r, k))
+    return _finish(path, key, steps, norms, columns, keep_last=len(headers) > 1, notes=notes, header=header)
 
 
 # ---- CSV ----------------------------------------------------------------------------------------
@@ -171,19 +176,23 @@ def read_csv(path: str, field_name: str | None = None) -> Trace:
             dialect = csv.Sniffer().sniff(sample, delimiters=",\t;")
         except csv.Error:
             dialect = csv.excel
-        reader = csv.DictReader(f, dialect=dialect)
-        if not reader.fieldnames:
+        reader = csv.reader(f, dialect=dialect)
+        names = next(reader, None)
+        if not names:
             raise TraceError(f"{path}: empty CSV")
-        column = _pick(reader.fieldnames, field_name, "column", path)
-        step_col = next((k for k in STEP_KEYS if k in reader.fieldnames), None)
-        rows = []
+        column = _pick(names, field_name, "column", path)
+        step_col = next((k for k in STEP_KEYS if k in names), None)
+        at, step_at = names.index(column), (names.index(step_col) if step_col else None)
+        others = [(k, j) for j, k in enumerate(names) if j not in (at, step_at)]
+        steps, norms, columns = [], [], {k: [] for k, _ in others}
         for i, row in enumerate(reader):
-            if row.get(column) in (None, ""):
+            if len(row) <= at or row[at] == "":
                 continue
-            step = int(_number(row[step_col], path, f"row {i + 2}")) if step_col else i
-            extra = {k: v for k, v in row.items() if k not in (column, step_col)}
-            rows.append((step, _number(row[column], path, f"row {i + 2}"), extra))
-    return _finish(path, column, rows)
+            steps.append(int(_number(row[step_at], path, f"row {i + 2}")) if step_at is not None else i)
+            norms.append(_number(row[at], path, f"row {i + 2}"))
+            for k, j in others:
+                columns[k].append(row[j] if j < len(row) else None)
+    return _finish(path, column, steps, norms, columns)
 
 
 # ---- TensorBoard --------------------------------------------------------------------------------
@@ -277,10 +286,9 @@ def read_tensorboard(path: str, field_name: str | None = None, samples_per_step:
     prefix = tag.rsplit("/", 1)[0] + "/" if "/" in tag else None
     others = {t[len(prefix):]: {e.step: e.value for e in acc.Scalars(t)}
               for t in tags if prefix and t.startswith(prefix) and t != tag}
-    rows = [(step, float(e.value), {name: values.get(x) for name, values in others.items()})
-            for step, x, e in zip(steps, xs, events)]
+    columns = {name: [values.get(x) for x in xs] for name, values in others.items()}
     source = run if run == path else f"{path} ({os.path.relpath(run, path)})"
-    return _finish(source, tag, rows, notes=notes)
+    return _finish(source, tag, list(steps), [float(e.value) for e in events], columns, notes=notes)
 
 
 # ---- any ----------------------------------------------------------------------------------------
