@@ -110,8 +110,9 @@ aggressive for this model. Both runs have the same ceiling (--clip, DeepSpeed gr
 takes it as its cap), set about 5x above the typical norm as 1.0 is for LLM pretraining.
 
 Outputs in --out: demo.png, table.md, results.json, fixed.jsonl, zclip.jsonl (one line per
---log-interval steps), ds_config.fixed.json and ds_config.zclip.json (replay a run's trace with
-`zclip-dist replay OUT/zclip.jsonl --ds-config OUT/ds_config.zclip.json`)."""
+--log-interval steps, after a header line with the run's settings), ds_config.fixed.json and
+ds_config.zclip.json. `zclip-dist replay OUT/zclip.jsonl` replays the ZClip run's decisions;
+`zclip-dist report OUT/zclip.jsonl` summarises it. Needs zclip-dist[demo]."""
 
 
 def _add_demo(sub: Any) -> None:
