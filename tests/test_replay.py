@@ -94,6 +94,25 @@ def test_adagc_global_dropin_jsonl_replays_its_own_decisions_with_no_flags(tmp_p
     assert sum(r["num_clipped_tensors"] > 0 for r in recorded) > 5
 
 
+def test_report_of_a_run(tmp_path, capsys):
+    path = dropin_run(tmp_path, ZClip(alpha=0.9, warmup_steps=20, max_grad_norm=None, recovery_steps=30,
+                                      log_jsonl=str(tmp_path / "run.jsonl")))
+    recorded = _records(path)[1:]
+    assert main(["report", path, "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    n_clipped = sum(r["clipped"] for r in recorded)
+    assert f"clipped: {n_clipped} of 300 steps ({100 * n_clipped / 300:.1f}%; 0 in warmup" in text
+    assert "[recorded]" in text and "method: zclip (alpha=0.9" in text
+    largest = [line.split()[1].rstrip(":") for line in text.splitlines() if line.startswith("  step ")]
+    assert largest == ["151", "152", "251"]  # the injected spikes, largest first in size, listed by step
+    assert "non-finite norms: 1 (steps 201)" in text
+    assert "regime shifts accepted: none" in text and "threshold after warmup: min" in text
+    # a trace of norms alone: the decisions are simulated, and the report says so
+    csv_path = _csv_trace(tmp_path, [r["grad_norm"] if r["grad_norm"] is not None else "nan" for r in recorded])
+    assert main(["report", csv_path]) == 0
+    assert "[simulated: the trace records no decisions; ZClip with defaults]" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_replay_reproduces_the_decisions_of_a_deepspeed_run(tmp_path, capsys):
     """The short demo's ZClip run: 4 gloo ranks of real DeepSpeed ZeRO-1 engines, logged every step."""

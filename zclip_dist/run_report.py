@@ -41,6 +41,10 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _decisions(trace: Trace) -> tuple[dict[str, list[Any]], str]:
     """The recorded decisions, or simulated ones (with what they came from)."""
     c, n = trace.columns, len(trace.norms)
@@ -109,7 +113,7 @@ def run_report(trace: Trace, top: int = 10) -> str:
     parts = [f"{n_warm} in warmup"]
     if spike is not None:
         n_spike = sum(c and s for c, s in zip(clipped, spike))
-        parts += [f"{n_spike} spikes", f"{n_clip - n_spike - n_warm} by the cap"]
+        parts += [_count(n_spike, "spike"), f"{n_clip - n_spike - n_warm} by the cap"]
     lines.append(f"clipped: {n_clip} of {n} steps ({100.0 * n_clip / max(n, 1):.1f}%; {', '.join(parts)}) [{how}]")
 
     flagged = [i for i in range(n) if (spike[i] if spike is not None else clipped[i] and not warm[i])]
@@ -143,4 +147,6 @@ def run_report(trace: Trace, top: int = 10) -> str:
                          + ", ".join(f"step {steps[i]}: {_fmt(thr[i])}" for i in marks))
         else:
             lines.append("threshold: the run never left warmup (or had no cap)")
+    else:
+        lines.append("threshold: not in AdaGC's metrics (gamma is per tensor, or global in adagc-global)")
     return "\n".join(lines)
