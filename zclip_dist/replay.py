@@ -13,12 +13,12 @@ import csv
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
-from .config import AdaGCConfig, ConfigError, ZClipConfig
+from .config import AdaGCConfig, ZClipConfig
 from .host_stats import adagc_global_host, zclip_host
 from .traces import Trace, TraceError, read_trace
 
-__all__ = ["TraceError", "Trace", "Replay", "read_trace", "resolve_settings", "simulate_zclip", "simulate_adagc",
-           "replay", "report", "write_csv"]
+__all__ = ["TraceError", "Trace", "Replay", "Settings", "read_trace", "resolve_settings", "simulate_zclip",
+           "simulate_adagc", "replay", "report", "write_csv", "plot"]
 
 #: Settings that mean nothing offline (where metrics go, cross-rank checks): never taken from a header.
 _OFFLINE_SKIP = ("log_jsonl", "log_interval", "verify_every")
@@ -208,5 +208,3 @@ def plot(result: Replay, path: str) -> str:
 
     return plot_replay(result, path)
 
-
-__all__ += ["Settings", "plot", "ConfigError"]
