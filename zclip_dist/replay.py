@@ -10,6 +10,7 @@ the header of our JSONL (written by every front end), and the defaults.
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
@@ -143,9 +144,9 @@ def _agreement(result: Replay) -> str | None:
         simulated, what = result.adagc["clipped"], "AdaGC-global"
     else:
         return None
-    differ = [t.steps[i] for i, (r, c) in enumerate(zip(recorded, simulated)) if r is not None and bool(r) != c]
     if t.gaps():
         return f"  the run's own {what} decisions: not comparable (the trace skips steps)"
+    differ = [t.steps[i] for i, (r, c) in enumerate(zip(recorded, simulated)) if r is not None and bool(r) != c]
     if differ:
         return (f"  the run's own {what} decisions differ at {len(differ)} steps (first: step {differ[0]}): "
                 "the trace is not the run's every step, or the settings are not the run's")
@@ -160,7 +161,7 @@ def report(result: Replay, limit: int = 20) -> str:
     """Human-readable summary: which steps each method clips and by how much."""
     t = result.trace
     n = len(t.norms)
-    nonfinite = sum(v != v or v in (float("inf"), float("-inf")) for v in t.norms)
+    nonfinite = sum(not math.isfinite(v) for v in t.norms)
     lines = [f"trace: {t.source} [{t.field}], {n} steps ({t.steps[0]}..{t.steps[-1]})"
              + (f", {nonfinite} non-finite" if nonfinite else "")]
     lines += [f"  note: {note}" for note in t.notes]
