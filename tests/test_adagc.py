@@ -37,8 +37,9 @@ def full_grads(step: int) -> dict[str, torch.Tensor]:
     return grads
 
 
-def reference_run(mode: str = "adagc", steps: int = STEPS):
-    ref = AdaGCReference(mode=mode, **CFG)
+def reference_run(mode: str = "adagc", steps: int = STEPS, cap: float | None = CFG["max_grad_norm"]):
+    # max_grad_norm None (no warmup clip) is the patch with lambda_abs = inf
+    ref = AdaGCReference(mode=mode, **{**CFG, "max_grad_norm": math.inf if cap is None else cap})
     out = []
     for t in range(steps):
         grads = full_grads(t)
@@ -51,14 +52,15 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
     return bool(torch.allclose(a, b, rtol=rel, atol=1e-7 * float(b.abs().max().clamp(min=1e-30))))
 
 
+@pytest.mark.parametrize("cap", [CFG["max_grad_norm"], None])
 @pytest.mark.parametrize("mode", ["adagc", "adagc-global"])
-def test_single_process_matches_official_semantics(mode):
-    ref, ref_grads = reference_run(mode)
+def test_single_process_matches_official_semantics(mode, cap):
+    ref, ref_grads = reference_run(mode, cap=cap)
     params = {n: nn.Parameter(torch.zeros(s)) for n, s in SHAPES.items()}
     module = nn.Module()
     for n, p in params.items():
         module.register_parameter(n.replace(".", "_"), p)
-    ours = AdaGC(mode=mode, **CFG)
+    ours = AdaGC(mode=mode, **{**CFG, "max_grad_norm": cap})
     clipped_after_warmup = 0
     for t in range(STEPS):
         for n, g in full_grads(t).items():

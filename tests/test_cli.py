@@ -17,13 +17,15 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands_as_a_subprocess():
     top = _run("--help")
     assert top.returncode == 0
-    assert "demo" in top.stdout and "replay" in top.stdout and "zclip-dist COMMAND --help" in top.stdout
+    assert all(c in top.stdout for c in ("demo", "replay", "report", "zclip-dist COMMAND --help"))
 
 
 @pytest.mark.parametrize("command,phrases", [
     ("demo", ["--short", "--spike-step", "corrupted", "gradient_clipping", "--log-interval", "--zclip-alpha"]),
-    ("replay", ["TRACE", "JSONL", "CSV", "TensorBoard", "grad-norm", "--ds-config", "--zclip-z-thresh",
-                "--adagc-clip-ratio", "--png"]),
+    ("replay", ["TRACE", "JSONL", "CSV", "TensorBoard", "grad-norm", "output_path/job_name", "--ds-config",
+                "--zclip-z-thresh", "--adagc-clip-ratio", "--adagc-max-grad-norm N|none", "--png", "header",
+                "--samples-per-step", "zclip-dist[plot]"]),
+    ("report", ["METRICS", "spikes", "non-finite", "regime shifts", "threshold", "--top", "Train/zclip/*"]),
 ])
 def test_every_subcommand_has_complete_help(capsys, command, phrases):
     with pytest.raises(SystemExit) as done:
@@ -71,7 +73,20 @@ def test_bad_files_are_one_line_and_exit_2(tmp_path, capsys):
     _one_line_error(capsys, ["replay", str(good), "--ds-config", str(cfg)], "not JSON")
     cfg.write_text('{"gradient_clipping": 1.0, "zclip": {"alpah": 0.9}}')
     _one_line_error(capsys, ["replay", str(good), "--ds-config", str(cfg)], "alpah")
-    _one_line_error(capsys, ["replay", str(tmp_path)], "no TensorBoard scalars")
+    _one_line_error(capsys, ["replay", str(tmp_path)], "no TensorBoard event files")
+
+
+@pytest.mark.parametrize("argv,missing,extra", [
+    (["replay", "t.csv"], "matplotlib", "plot"),
+    (["demo", "--short"], "deepspeed", "demo"),
+    (["demo", "--short"], "tqdm", "demo"),
+])
+def test_a_missing_optional_dependency_names_the_extra(monkeypatch, capsys, argv, missing, extra):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    _one_line_error(capsys, argv, f'needs {missing}: pip install "zclip-dist[{extra}]"')
 
 
 def test_no_command_is_exit_2_as_a_subprocess():
@@ -85,7 +100,7 @@ def test_replay_prints_clipped_steps_and_writes_png(tmp_path, capsys):
     trace.write_text("step,grad_norm\n" + "".join(f"{i},{v}\n" for i, v in enumerate(norms)))
     png = tmp_path / "out.png"
     assert main(["replay", str(trace), "--zclip-max-grad-norm", "none", "--zclip-warmup-steps", "10",
-                 "--png", str(png), "--no-progress"]) == 0
+                 "--png", str(png)]) == 0
     out = capsys.readouterr().out
     assert "ZClip (alpha=0.97, z_thresh=2.5, max_grad_norm=None" in out
     assert "step       40: norm 30 ->" in out

@@ -107,7 +107,8 @@ def _sync_counts(rank):
 
 def _monitor_run(rank, log_dir):
     case = H.Case("monitor", {**Z1, "steps_per_print": 2,
-                              "csv_monitor": {"enabled": True, "output_path": log_dir, "job_name": "zc"}},
+                              "csv_monitor": {"enabled": True, "output_path": log_dir, "job_name": "zc"},
+                              "tensorboard": {"enabled": True, "output_path": log_dir, "job_name": "zc"}},
                   steps=4, spike_step=None)
     return H.run_case(case, rank)["decisions"]
 
@@ -244,3 +245,16 @@ def test_metrics_reach_the_monitor(group_2):
         rows = list(csv.reader(f))[1:]
     decisions = results[0]["monitor"]
     assert [float(v) for _, v in rows] == pytest.approx([decisions[1]["grad_norm"], decisions[3]["grad_norm"]])
+
+
+def test_replay_reads_the_monitor_tensorboard(group_2):
+    """zclip-dist replay pointed at DeepSpeed's output_path: the job folder found, samples become steps."""
+    pytest.importorskip("tensorboard")
+    from zclip_dist.traces import read_trace
+
+    results, log_dir = group_2
+    decisions = results[0]["monitor"]
+    trace = read_trace(log_dir)
+    assert trace.field == "Train/zclip/grad_norm" and trace.steps == [2, 4]  # steps_per_print 2, not samples
+    assert trace.norms == pytest.approx([decisions[1]["grad_norm"], decisions[3]["grad_norm"]], rel=1e-6)
+    assert trace.columns["clipped"] == [float(decisions[1]["clipped"]), float(decisions[3]["clipped"])]

@@ -22,8 +22,11 @@ def demo():
 
 
 def _lines(path):
+    """The records of a metrics file, after its header line."""
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        header, *records = [json.loads(line) for line in f]
+    assert header["zclip_dist_metrics"] == 1
+    return records
 
 
 def test_outputs_exist(demo):
@@ -59,6 +62,10 @@ def test_jsonl_has_one_line_per_logged_step(demo):
         assert all(r["run"] == run for r in lines)
     at = _lines(demo["outputs"]["zclip_jsonl"])[settings.spike_step]
     assert at["clipped"] and at["spike"] and at["coef"] < 0.01
+    with open(demo["outputs"]["zclip_jsonl"]) as f:
+        header = json.loads(f.readline())  # the settings replay needs: the run's "zclip" entry, capped by gradient_clipping
+    assert header["method"] == "zclip" and header["settings"]["max_grad_norm"] == settings.clip
+    assert {k: header["settings"][k] for k in settings.zclip} == settings.zclip
 
 
 def test_table_is_the_summary(demo):

@@ -179,6 +179,7 @@ def test_jsonl_log_interval(tmp_path):
     for t, x, y in batches(10, spike_at=7):  # the 8th step: a logged one
         backward(model, x, y)
         zc.step(model)
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    header, *lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert header["method"] == "zclip" and header["settings"]["log_interval"] == 4
     assert [r["step"] for r in lines] == [4, 8]  # every 4th step
     assert lines[1]["spike"] and lines[1]["coef"] < 1 and lines[1]["grad_norm"] > lines[0]["grad_norm"]

@@ -10,12 +10,11 @@ zclip_dist`` never imports DeepSpeed, Megatron or Lightning.
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .clipper import Clipper
 from .config import AdaGCConfig, ConfigError, ZClipConfig
 from .pytorch import AdaGC, ZClip
 from .topology import Topology
-
-__version__ = "0.1.0"
 
 __all__ = ["ZClip", "AdaGC", "AdaGCConfig", "ZClipConfig", "ConfigError", "Clipper", "Topology", "ZClipLightningCallback",
            "__version__"]

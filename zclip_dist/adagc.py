@@ -64,11 +64,15 @@ def adagc_update(config: AdaGCConfig, state: AdaGCState, sq_norms: Tensor, globa
     finite = torch.isfinite(g) & torch.isfinite(sq_norms).all()
     safe_g = torch.where(finite, g, torch.zeros_like(g))
     warm = state.count < cfg.warmup_steps
-    coef_global = torch.clamp(cfg.max_grad_norm / (safe_g + cfg.eps), max=1.0)
+    if cfg.max_grad_norm is None:  # no global clip in warmup
+        coef_global = torch.ones_like(safe_g)
+    else:
+        coef_global = torch.clamp(cfg.max_grad_norm / (safe_g + cfg.eps), max=1.0)
 
     if cfg.mode == "adagc-global":
         n = safe_g.reshape(1)
-        n_warm = torch.minimum(n, torch.full_like(n, cfg.max_grad_norm))  # patch: min of min(G, lambda_abs)
+        # patch: the running min of min(G, lambda_abs)
+        n_warm = n if cfg.max_grad_norm is None else torch.minimum(n, torch.full_like(n, cfg.max_grad_norm))
     else:
         n = torch.where(torch.isfinite(sq_norms), sq_norms, torch.zeros_like(sq_norms)).sqrt()
         n_warm = n * coef_global

@@ -7,6 +7,7 @@ exit status 2; a bug still shows its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -89,6 +90,13 @@ def _given(args: argparse.Namespace, cls: type, prefix: str) -> dict[str, Any]:
     return {k: (None if v == _OFF else v) for k, v in given.items() if v is not None}
 
 
+def _require(command: str, modules: Sequence[str], extra: str, hint: str = "") -> None:
+    """One line naming the extra to install when an optional dependency is missing (exit 2)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{PROG} {command}: needs {', '.join(missing)}: pip install \"zclip-dist[{extra}]\"{hint}")
+
+
 # ---- demo ---------------------------------------------------------------------------------------
 DEMO_HELP = """\
 Train a small GPT with DeepSpeed twice from the same seed -- fixed clipping (gradient_clipping) vs
@@ -102,8 +110,9 @@ aggressive for this model. Both runs have the same ceiling (--clip, DeepSpeed gr
 takes it as its cap), set about 5x above the typical norm as 1.0 is for LLM pretraining.
 
 Outputs in --out: demo.png, table.md, results.json, fixed.jsonl, zclip.jsonl (one line per
---log-interval steps), ds_config.fixed.json and ds_config.zclip.json (replay a run's trace with
-`zclip-dist replay OUT/zclip.jsonl --ds-config OUT/ds_config.zclip.json`)."""
+--log-interval steps, after a header line with the run's settings), ds_config.fixed.json and
+ds_config.zclip.json. `zclip-dist replay OUT/zclip.jsonl` replays the ZClip run's decisions;
+`zclip-dist report OUT/zclip.jsonl` summarises it. Needs zclip-dist[demo]."""
 
 
 def _add_demo(sub: Any) -> None:
@@ -133,6 +142,7 @@ def _add_demo(sub: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    _require("demo", ["deepspeed", "matplotlib"] + ([] if args.no_progress else ["tqdm"]), "demo")
     from . import demo
     from .demo.ranks import gpu_count
 
@@ -160,64 +170,83 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ---- replay -------------------------------------------------------------------------------------
-REPLAY_HELP = """\
-Read a gradient-norm trace and simulate ZClip (any settings) and AdaGC-global on it: print which
-steps each would clip and by how much, and write a PNG. Tune alpha and z_thresh on a past run
-without a GPU.
-
+TRACE_FORMATS = """\
 TRACE is one of
-  * JSONL, one object per step (zclip-dist demo, JsonlSink): key 'grad_norm' (or --field);
+  * our JSONL (log_jsonl of any front end, zclip-dist demo): its header line holds the run's
+    method and settings; key 'grad_norm' (or --field);
   * CSV/TSV with a header: a column named grad_norm / grad-norm / ... (or --field), step column
     'step' or 'iteration' when present;
-  * TensorBoard event files (a file or a folder): DeepSpeed's monitor with ZClip attached writes
-    'Train/zclip/grad_norm', Megatron writes 'grad-norm' (or --field TAG).
-The format follows the name (.jsonl/.json, .csv/.tsv, *tfevents* or a folder) unless --format is given.
+  * TensorBoard event files: a file, a run folder, or a folder above one. DeepSpeed's monitor writes
+    to output_path/job_name/ ('Train/zclip/grad_norm' with ZClip attached) against samples, which
+    are converted to optimizer steps; Megatron writes 'grad-norm' (and 'zclip/grad_norm') against
+    iterations. Reading them needs the tensorboard package (zclip-dist[tensorboard]).
+The format follows the name (.jsonl/.json, .csv/.tsv, *tfevents* or a folder) unless --format is given."""
 
-Settings: --ds-config reads the "zclip" entry and gradient_clipping of a DeepSpeed config (as
-training does); --zclip-* flags override it. A trace logged at every step of a run replays that run's
-decisions exactly; with a log interval > 1 the simulation sees only the logged steps."""
+REPLAY_HELP = f"""\
+Read a gradient-norm trace and simulate ZClip (any settings) and AdaGC-global on it: print which
+steps each would clip and by how much, and write a PNG (zclip-dist[plot]). Tune alpha and z_thresh
+on a past run without a GPU: a million steps take seconds.
+
+{TRACE_FORMATS}
+
+Settings, each over the next: the --zclip-* / --adagc-* flags; --ds-config (its "zclip" or "adagc"
+entry, read as training reads it; gradient_clipping is both methods' cap); the JSONL header (the run's
+own settings; --ignore-header skips it); the defaults. With the run's own settings, a trace logged at
+every step replays the run's decisions exactly (the report says whether they agree); with a log
+interval > 1 the simulation sees only the logged steps."""
+
+
+def _add_trace_args(p: argparse.ArgumentParser, metavar: str = "TRACE") -> None:
+    p.add_argument("trace", metavar=metavar, help="JSONL, CSV or TensorBoard event file/folder")
+    p.add_argument("--format", choices=("auto", "jsonl", "csv", "tensorboard"), default="auto", help="trace format (default %(default)s)")
+    p.add_argument("--field", metavar="NAME", default=None, help="JSONL key, CSV column or TensorBoard tag of the norm")
+    p.add_argument("--run", metavar="NAME", default=None, help="JSONL: only records whose 'run' is this (e.g. zclip)")
+    p.add_argument("--samples-per-step", type=int, metavar="N", default=None,
+                   help="DeepSpeed TensorBoard: samples per optimizer step (train_batch_size; default: read from the file)")
+
+
+def _read(args: argparse.Namespace, reader: Any = None):
+    from .traces import read_trace
+
+    if args.samples_per_step is not None and args.samples_per_step < 1:
+        raise UsageError(f"{PROG} {args.command}: --samples-per-step must be >= 1")
+    return (reader or read_trace)(args.trace, args.format, args.field, args.run, args.samples_per_step)
+
+
+#: Settings replay does not offer: where metrics go and cross-rank checks mean nothing offline.
+_NOT_OFFLINE = ("nonfinite", "verify_every", "log_jsonl", "log_interval")
 
 
 def _add_replay(sub: Any) -> None:
     p = sub.add_parser("replay", help="simulate ZClip and AdaGC-global on a logged gradient-norm trace",
                        description=REPLAY_HELP, formatter_class=_Formatter)
-    p.add_argument("trace", metavar="TRACE", help="JSONL, CSV or TensorBoard event file/folder")
-    p.add_argument("--format", choices=("auto", "jsonl", "csv", "tensorboard"), default="auto", help="trace format (default %(default)s)")
-    p.add_argument("--field", metavar="NAME", default=None, help="JSONL key, CSV column or TensorBoard tag of the norm")
-    p.add_argument("--run", metavar="NAME", default=None, help="JSONL: only records whose 'run' is this (e.g. zclip)")
+    _add_trace_args(p)
     p.add_argument("--ds-config", default=None, metavar="JSON",
-                   help="DeepSpeed config whose \"zclip\" entry and gradient_clipping give the ZClip settings")
+                   help="DeepSpeed config whose \"zclip\" or \"adagc\" entry and gradient_clipping give the settings")
+    p.add_argument("--ignore-header", action="store_true", help="JSONL: do not take the settings from the header line")
     p.add_argument("--no-adagc", action="store_true", help="simulate ZClip only")
     p.add_argument("--png", metavar="PNG", default=None, help="PNG to write (default: <trace name>.replay.png here)")
-    p.add_argument("--no-png", action="store_true", help="write no PNG")
+    p.add_argument("--no-png", action="store_true", help="write no PNG (matplotlib not needed)")
     p.add_argument("--csv-out", default=None, metavar="CSV", help="write every step's decisions here")
     p.add_argument("--show", type=int, metavar="N", default=20, help="clipped steps to list per method (default %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on long traces")
-    _add_config_flags(p, ZClipConfig, "zclip", "ZClip settings (default: the reference package's)",
-                      skip=("nonfinite", "verify_every"))
-    _add_config_flags(p, AdaGCConfig, "adagc", "AdaGC-global settings (default: the official patch's)",
-                      skip=("mode", "nonfinite"))
+    _add_config_flags(p, ZClipConfig, "zclip", "ZClip settings (default: the run's, else the reference package's)",
+                      skip=_NOT_OFFLINE)
+    _add_config_flags(p, AdaGCConfig, "adagc", "AdaGC-global settings (default: the run's, else the official patch's)",
+                      skip=("mode",) + _NOT_OFFLINE)
     p.set_defaults(func=_run_replay)
 
 
-def _zclip_config(args: argparse.Namespace) -> ZClipConfig:
-    given = _given(args, ZClipConfig, "zclip")
-    if args.ds_config is None:
-        return ZClipConfig.from_dict(given)
-    from .deepspeed.config import resolve_config
-
+def _load_ds_config(path: str) -> dict[str, Any]:
     try:
-        with open(args.ds_config) as f:
+        with open(path) as f:
             ds = json.load(f)
     except OSError as e:
-        raise UsageError(f"{args.ds_config}: {e.strerror or e}") from None
+        raise UsageError(f"{path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
-        raise UsageError(f"{args.ds_config}: not JSON ({e.msg}, line {e.lineno})") from None
+        raise UsageError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(ds, dict):
-        raise UsageError(f"{args.ds_config}: expected a JSON object (a DeepSpeed config)")
-    entry = dict(ds.get("zclip") or {}, enabled=True)
-    entry.update(given)
-    return resolve_config({**ds, "zclip": entry})
+        raise UsageError(f"{path}: expected a JSON object (a DeepSpeed config)")
+    return ds
 
 
 def _run_replay(args: argparse.Namespace) -> int:
@@ -225,10 +254,15 @@ def _run_replay(args: argparse.Namespace) -> int:
 
     if args.show < 0:
         raise UsageError(f"{PROG} replay: --show must be >= 0")
-    zcfg = _zclip_config(args)
-    acfg = None if args.no_adagc else AdaGCConfig.from_dict({"mode": "adagc-global", **_given(args, AdaGCConfig, "adagc")})
-    trace = rp.read_trace(args.trace, args.format, args.field, args.run)
-    result = rp.replay(trace, zcfg, acfg, progress=not args.no_progress)
+    if not args.no_png:  # before the work, not after it
+        _require("replay", ["matplotlib"], "plot", " (or pass --no-png)")
+    zclip, adagc = _given(args, ZClipConfig, "zclip"), _given(args, AdaGCConfig, "adagc")
+    ZClipConfig.from_dict(zclip, source="zclip")  # a bad flag fails before the trace is read
+    AdaGCConfig.from_dict({**adagc, "mode": "adagc-global"}, source="adagc")
+    ds = _load_ds_config(args.ds_config) if args.ds_config else None
+    trace = _read(args)
+    settings = rp.resolve_settings(trace, ds_config=ds, zclip=zclip, adagc=adagc, use_header=not args.ignore_header)
+    result = rp.replay(trace, settings.zclip, None if args.no_adagc else settings.adagc, settings)
     print(rp.report(result, args.show))
     if args.csv_out:
         rp.write_csv(result, args.csv_out)
@@ -239,6 +273,33 @@ def _run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- report -------------------------------------------------------------------------------------
+REPORT_HELP = f"""\
+A short report of a run from its metrics, for the morning after: steps, the share clipped, the
+spikes with their steps and sizes, non-finite steps, regime shifts, and how the threshold moved.
+It reads the decisions the run recorded (our JSONL, or the zclip/* / Train/zclip/* TensorBoard
+scalars); for a trace of norms only it simulates them with the run's settings, as replay does.
+
+{TRACE_FORMATS.replace("TRACE is", "METRICS is")}"""
+
+
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="a short human report of a run from its metrics file",
+                       description=REPORT_HELP, formatter_class=_Formatter)
+    _add_trace_args(p, "METRICS")
+    p.add_argument("--top", type=int, metavar="N", default=10, help="largest spikes to list (default %(default)s)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .run_report import read_for_report, run_report
+
+    if args.top < 0:
+        raise UsageError(f"{PROG} report: --top must be >= 0")
+    print(run_report(_read(args, read_for_report), args.top))
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 MAIN_HELP = """\
 ZClip adaptive gradient clipping for DeepSpeed, Megatron and PyTorch, exact under TP/PP/DP/EP.
@@ -246,6 +307,7 @@ ZClip adaptive gradient clipping for DeepSpeed, Megatron and PyTorch, exact unde
   zclip-dist demo            fixed clipping vs ZClip on a small GPT with an injected loss spike
   zclip-dist demo --short    the same in about a minute (CI)
   zclip-dist replay TRACE    what ZClip / AdaGC-global would clip on a logged gradient-norm trace
+  zclip-dist report METRICS  a short report of a run: clipped share, spikes, non-finite steps, threshold
 
 Use in training: a "zclip" entry in a DeepSpeed config with zclip_dist.deepspeed.initialize (or
 `deepspeed --module zclip_dist.deepspeed.launch train.py`), --zclip flags for Megatron, ZClip(...).step(model)
@@ -253,18 +315,19 @@ in plain PyTorch. Run `zclip-dist COMMAND --help` for each command's options."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = _Parser(prog=PROG, description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_demo(sub)
     _add_replay(sub)
+    _add_report(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .replay import TraceError
+    from .traces import TraceError
 
     try:
         parser = build_parser()

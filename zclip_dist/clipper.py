@@ -20,7 +20,7 @@ from torch import Tensor
 from .adagc import AdaGCDecision, AdaGCState, adagc_update, init_adagc_state
 from .config import AdaGCConfig, ConfigError, ZClipConfig
 from .graphs import GraphedUpdate, can_graph
-from .metrics import JsonlSink, metrics_tensors, to_host
+from .metrics import JsonlSink, config_header, metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
 
 __all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "verify_identical", "verify_same_config", "STATE_FORMAT",
@@ -187,7 +187,7 @@ class _JsonlLog:
         if self._logged_calls % self.config.log_interval or (dist.is_initialized() and dist.get_rank() != 0):
             return
         if self._sink is None:
-            self._sink = JsonlSink(self.config.log_jsonl)
+            self._sink = JsonlSink(self.config.log_jsonl, header=config_header(self.config))
         self._sink.write({"call": self._logged_calls, **self.metrics()})  # the one host transfer
 
 

@@ -183,7 +183,8 @@ class AdaGCConfig(_FromDict):
         warmup_steps: T_start: global clipping at ``max_grad_norm`` while gamma is initialised to the
             running minimum of the (globally clipped) per-tensor norms.
         max_grad_norm: lambda_abs, the warmup's global clip. Engines pass their fixed clip
-            (``gradient_clipping`` / ``--clip-grad``) when this is not given; otherwise 1.0.
+            (``gradient_clipping`` / ``--clip-grad``) when this is not given; otherwise 1.0. ``None``:
+            no clip in warmup (gamma starts from the running minimum of the raw norms).
         eps: added to norms in denominators.
         nonfinite: as for :class:`ZClipConfig`; a non-finite step never enters gamma.
         recovery_steps: opt-in (``None``: the official behaviour). A tensor over its limit on more than
@@ -198,7 +199,7 @@ class AdaGCConfig(_FromDict):
     clip_ratio: float = 1.04
     beta: float = 0.99
     warmup_steps: int = 100
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0
     eps: float = 1e-6
     nonfinite: str = "skip"
     recovery_steps: int | None = None
@@ -212,7 +213,8 @@ class AdaGCConfig(_FromDict):
         check_real(src, "clip_ratio", self.clip_ratio, low=1.0)
         check_real(src, "beta", self.beta, low=0.0, high=1.0, high_open=True)
         check_int(src, "warmup_steps", self.warmup_steps, low=0)
-        check_real(src, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        if self.max_grad_norm is not None:
+            check_real(src, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         check_real(src, "eps", self.eps, low=0.0)
         check_choice(src, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
         if self.recovery_steps is not None:

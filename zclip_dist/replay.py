@@ -1,230 +1,106 @@
 """Offline replay: what ZClip (any settings) and AdaGC-global would have done on a logged norm trace.
 
-A trace is the sequence of pre-clip global gradient norms of a run, read from our JSONL metrics, a CSV
-column, or TensorBoard event files (DeepSpeed's monitor with ZClip attached, ``Train/zclip/grad_norm``;
-Megatron's ``grad-norm``). The simulation feeds it to the same :class:`~zclip_dist.clipper.Clipper` and
-:class:`~zclip_dist.clipper.AdaGCClipper` that training uses, so a trace recorded at every step replays
-the run's own decisions exactly. Everything runs on the CPU; no GPU, no process group.
+The trace (``traces.read_trace``) is the sequence of pre-clip global norms of a run. The simulation is
+the training recurrence itself on Python floats (:mod:`~zclip_dist.host_stats`, bit-identical to the
+CPU device path), so a trace logged at every step, replayed with the run's settings, gives the run's own
+decisions. The settings come, in this order of precedence, from the command line, a DeepSpeed config,
+the header of our JSONL (written by every front end), and the defaults.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-import sys
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
 
-import torch
-
-from .clipper import AdaGCClipper, Clipper
 from .config import AdaGCConfig, ZClipConfig
-from .metrics import METRIC_NAMES
+from .host_stats import adagc_global_host, zclip_host
+from .traces import Trace, TraceError, read_trace
 
-__all__ = ["TraceError", "Trace", "Replay", "read_trace", "read_jsonl", "read_csv", "read_tensorboard",
-           "simulate_zclip", "simulate_adagc", "replay", "report", "plot"]
+__all__ = ["TraceError", "Trace", "Replay", "Settings", "read_trace", "resolve_settings", "simulate_zclip",
+           "simulate_adagc", "replay", "report", "write_csv", "plot"]
 
-#: Names a gradient-norm field goes by, most specific first (ours, Megatron, common loggers).
-NORM_KEYS = ("grad_norm", "grad-norm", "Train/zclip/grad_norm", "gradient_norm", "grad_norm_pre_clip", "norm")
-STEP_KEYS = ("step", "iteration", "global_step", "steps")
-PROGRESS_MIN = 5_000  # traces at least this long get a progress bar
+#: Settings that mean nothing offline (where metrics go, cross-rank checks): never taken from a header.
+_OFFLINE_SKIP = ("log_jsonl", "log_interval", "verify_every")
 
 
-class TraceError(ValueError):
-    """A trace cannot be read; the message is one line naming the file and what is wrong."""
+def simulate_zclip(norms: Sequence[float], config: ZClipConfig) -> dict[str, list]:
+    """ZClip's decision at every step of ``norms``: lists keyed by :data:`~zclip_dist.metrics.METRIC_NAMES`."""
+    return zclip_host(config, norms)
+
+
+def simulate_adagc(norms: Sequence[float], config: AdaGCConfig) -> dict[str, list]:
+    """AdaGC-global on ``norms``: coefficient, threshold (the cap in warmup, then clip_ratio x gamma), clipped."""
+    return adagc_global_host(config, norms)
+
+
+def _known(cls: type, settings: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls) if not f.name.startswith("_")}
+    return {k: v for k, v in settings.items() if k in names and k not in _OFFLINE_SKIP}
 
 
 @dataclass
-class Trace:
-    steps: list[int]
-    norms: list[float]
-    source: str  # file it came from
-    field: str  # key, column or tag the norms were read from
-
-    def gaps(self) -> int:
-        """Steps missing between the first and last logged one (a log interval > 1 leaves gaps)."""
-        return (self.steps[-1] - self.steps[0] + 1 - len(self.steps)) if self.steps else 0
+class Settings:
+    zclip: ZClipConfig
+    adagc: AdaGCConfig
+    origin: str  # where the settings came from, for the report
+    notes: list[str]
+    reproduces: str | None  # "zclip" / "adagc": the method the run itself clipped with, with these settings
 
 
-# ---- readers ------------------------------------------------------------------------------------
-def _pick(available: Iterable[str], wanted: str | None, what: str, path: str) -> str:
-    available = list(available)
-    if wanted is not None:
-        if wanted not in available:
-            raise TraceError(f"{path}: no {what} {wanted!r}; found: {', '.join(available[:12]) or 'none'}")
-        return wanted
-    for key in NORM_KEYS:
-        if key in available:
-            return key
-    candidates = [k for k in available if "norm" in k.lower() and "grad" in k.lower()]
-    if len(candidates) == 1:
-        return candidates[0]
-    hint = f"candidates: {', '.join(candidates)}" if candidates else f"found: {', '.join(available[:12]) or 'none'}"
-    raise TraceError(f"{path}: cannot tell which {what} holds the gradient norm ({hint}); name it with --field")
+def _from_header(header: Mapping[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any], list[str]]:
+    method, settings = header.get("method"), dict(header.get("settings") or {})
+    z = _known(ZClipConfig, settings) if method == "zclip" else {}
+    a = _known(AdaGCConfig, settings) if method == "adagc" else {}
+    notes = []
+    if method == "adagc" and a.get("mode", "adagc") != "adagc-global":
+        notes.append("the run clipped per tensor (mode 'adagc'); a norm trace holds only the global norm, "
+                     "so the simulation is AdaGC-global, not the run's own decisions")
+        method = None
+    if "max_grad_norm" in settings:  # the run's cap (an engine's fixed clip) is both methods' cap
+        z.setdefault("max_grad_norm", settings["max_grad_norm"])
+        a.setdefault("max_grad_norm", settings["max_grad_norm"])
+    return (method if method in ("zclip", "adagc") else None), z, a, notes
 
 
-def _finish(path: str, field: str, rows: list[tuple[int, float]]) -> Trace:
-    if not rows:
-        raise TraceError(f"{path}: no gradient-norm values in {field!r}")
-    rows.sort(key=lambda r: r[0])
-    steps = [s for s, _ in rows]
-    if len(set(steps)) != len(steps):
-        raise TraceError(f"{path}: step numbers repeat in {field!r} (several runs in one file? pick one with --run)")
-    return Trace(steps=steps, norms=[n for _, n in rows], source=path, field=field)
+def _from_ds_config(ds_config: Mapping[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    from .deepspeed.config import resolve_config  # reads the entries exactly as training does
+
+    resolved, method = resolve_config(ds_config), None
+    if resolved is None:  # a fixed-clip run: gradient_clipping is the cap
+        resolved = resolve_config({**ds_config, "zclip": {}})
+    elif isinstance(resolved, AdaGCConfig):
+        method = "adagc" if resolved.mode == "adagc-global" else None
+    else:
+        method = "zclip"
+    if isinstance(resolved, AdaGCConfig):
+        return method, {"max_grad_norm": resolved.max_grad_norm}, _known(AdaGCConfig, resolved.to_dict())
+    return method, _known(ZClipConfig, resolved.to_dict()), {"max_grad_norm": resolved.max_grad_norm}
 
 
-def _number(value: Any, path: str, where: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TraceError(f"{path}: {where}: {value!r} is not a number") from None
-
-
-def read_jsonl(path: str, field: str | None = None, run: str | None = None) -> Trace:
-    """One JSON object per line (``zclip-dist demo`` metrics, ``JsonlSink``); ``run`` filters a "run" key."""
-    records: list[dict[str, Any]] = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise TraceError(f"{path}:{lineno}: expected a JSON object per line")
-            if run is None or record.get("run") == run:
-                records.append(record)
-    if not records:
-        raise TraceError(f"{path}: no records" + (f" with run {run!r}" if run is not None else ""))
-    key = _pick(dict.fromkeys(k for r in records for k in r), field, "key", path)
-    step_key = next((k for k in STEP_KEYS if all(k in r for r in records)), None)
-    rows = [(int(r[step_key]) if step_key else i, _number(r[key], path, f"record {i + 1}"))
-            for i, r in enumerate(records) if key in r]
-    return _finish(path, key, rows)
-
-
-def read_csv(path: str, field: str | None = None) -> Trace:
-    """A CSV (or TSV) with a header row; the step column is used when there is one, else the row number."""
-    with open(path, newline="") as f:
-        sample = f.read(4096)
-        f.seek(0)
-        try:
-            dialect = csv.Sniffer().sniff(sample, delimiters=",\t;")
-        except csv.Error:
-            dialect = csv.excel
-        reader = csv.DictReader(f, dialect=dialect)
-        if not reader.fieldnames:
-            raise TraceError(f"{path}: empty CSV")
-        column = _pick(reader.fieldnames, field, "column", path)
-        step_col = next((k for k in STEP_KEYS if k in reader.fieldnames), None)
-        rows = []
-        for i, row in enumerate(reader):
-            if row.get(column) in (None, ""):
-                continue
-            step = int(_number(row[step_col], path, f"row {i + 2}")) if step_col else i
-            rows.append((step, _number(row[column], path, f"row {i + 2}")))
-    return _finish(path, column, rows)
-
-
-def read_tensorboard(path: str, field: str | None = None) -> Trace:
-    """TensorBoard event files (a file or a directory of them): scalars by tag, steps as logged."""
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        raise TraceError("reading TensorBoard files needs the tensorboard package: pip install tensorboard") from None
-    acc = EventAccumulator(path, size_guidance={"scalars": 0})  # 0 = keep every value
-    acc.Reload()
-    tags = acc.Tags().get("scalars", [])
-    if not tags:
-        raise TraceError(f"{path}: no TensorBoard scalars found")
-    tag = _pick(tags, field, "tag", path)
-    return _finish(path, tag, [(e.step, e.value) for e in acc.Scalars(tag)])
-
-
-def detect_format(path: str) -> str:
-    name = os.path.basename(path).lower()
-    if os.path.isdir(path) or "tfevents" in name:
-        return "tensorboard"
-    if name.endswith((".jsonl", ".json", ".ndjson")):
-        return "jsonl"
-    if name.endswith((".csv", ".tsv", ".txt")):
-        return "csv"
-    raise TraceError(f"{path}: cannot tell the format from the name; pass --format jsonl, csv or tensorboard")
-
-
-def read_trace(path: str, fmt: str = "auto", field: str | None = None, run: str | None = None) -> Trace:
-    """Read a trace; every problem is a :class:`TraceError` with a one-line message."""
-    if not os.path.exists(path):
-        raise TraceError(f"{path}: no such file or directory")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    try:
-        if fmt == "jsonl":
-            return read_jsonl(path, field, run)
-        if fmt == "csv":
-            return read_csv(path, field)
-        if fmt == "tensorboard":
-            return read_tensorboard(path, field)
-    except UnicodeDecodeError:
-        raise TraceError(f"{path}: not a text file (is it a TensorBoard file? pass --format tensorboard)") from None
-    except OSError as e:
-        raise TraceError(f"{path}: {e.strerror or e}") from None
-    raise TraceError(f"unknown format {fmt!r}: use jsonl, csv, tensorboard or auto")
-
-
-# ---- simulation ---------------------------------------------------------------------------------
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled or total < PROGRESS_MIN:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-
-
-def simulate_zclip(norms: Sequence[float], config: ZClipConfig, progress: bool = True) -> dict[str, list]:
-    """ZClip's decision at every step of ``norms``: lists keyed by :data:`~zclip_dist.metrics.METRIC_NAMES`."""
-    clipper = Clipper(config, device="cpu", cuda_graph=False)
-    values = torch.tensor(list(norms), dtype=torch.float64)
-    rows = []
-    bar = _progress(len(values), "zclip", progress)
-    for i in range(len(values)):
-        clipper.step(values[i])
-        rows.append(clipper.metrics_tensor())
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    table = torch.stack(rows).T.tolist() if rows else [[] for _ in METRIC_NAMES]
-    out = dict(zip(METRIC_NAMES, table))
-    for name in ("clipped", "spike", "warmup", "skipped", "nonfinite", "regime_shift"):
-        out[name] = [bool(v) for v in out[name]]
-    return out
-
-
-def simulate_adagc(norms: Sequence[float], config: AdaGCConfig, progress: bool = True) -> dict[str, list]:
-    """AdaGC-global on ``norms``: coefficient, threshold (clip_ratio x gamma; the cap in warmup), clipped."""
-    if config.mode != "adagc-global":
-        raise ValueError("a norm trace holds only the global norm: replay simulates AdaGC in mode 'adagc-global'")
-    clipper = AdaGCClipper(config, cuda_graph=False)
-    clipper.bind(("global",), torch.device("cpu"))
-    values = torch.tensor(list(norms), dtype=torch.float32)
-    coef, threshold, clipped = [], [], []
-    bar = _progress(len(values), "adagc", progress)
-    for i in range(len(values)):
-        warm = bool(clipper.state.count < config.warmup_steps)
-        limit = config.max_grad_norm if warm else config.clip_ratio * float(clipper.state.gamma[0])
-        g = values[i]
-        d = clipper.step((g * g).reshape(1), g)
-        coef.append(float(d.coefs[0]))
-        clipped.append(bool(d.clipped[0]))
-        threshold.append(limit)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return {"coef": coef, "threshold": threshold, "clipped": clipped}
+def resolve_settings(trace: Trace, *, ds_config: Mapping[str, Any] | None = None,
+                     zclip: Mapping[str, Any] | None = None, adagc: Mapping[str, Any] | None = None,
+                     use_header: bool = True) -> Settings:
+    """ZClip and AdaGC-global settings for a replay: ``zclip`` / ``adagc`` (the command line) over
+    ``ds_config`` (its "zclip" or "adagc" entry, read as training reads it) over the trace's header over
+    the defaults. The run's cap (``max_grad_norm``, DeepSpeed's gradient_clipping) is both methods' cap."""
+    method, z, a, notes, origin = None, {}, {}, [], "defaults"
+    if ds_config is not None:
+        method, z, a = _from_ds_config(ds_config)
+        origin = "--ds-config"
+    elif use_header and trace.header is not None:
+        method, z, a, notes = _from_header(trace.header)
+        origin = f"the trace's header ({trace.header.get('method')} run)"
+    run_z = ZClipConfig.from_dict(z, source="zclip")
+    run_a = AdaGCConfig.from_dict({**a, "mode": "adagc-global"}, source="adagc")
+    final_z = ZClipConfig.from_dict({**z, **(zclip or {})}, source="zclip")
+    final_a = AdaGCConfig.from_dict({**a, **(adagc or {}), "mode": "adagc-global"}, source="adagc")
+    if zclip or adagc:
+        origin = "the command line" + ("" if origin == "defaults" else f" over {origin}")
+    if (method == "zclip" and final_z != run_z) or (method == "adagc" and final_a != run_a):
+        method = None  # not the run's settings: its recorded decisions are no reference
+    return Settings(zclip=final_z, adagc=final_a, origin=origin, notes=notes, reproduces=method)
 
 
 @dataclass
@@ -234,14 +110,15 @@ class Replay:
     zclip: dict[str, list]
     adagc_config: AdaGCConfig | None
     adagc: dict[str, list] | None
+    settings: Settings | None = None
 
 
 def replay(trace: Trace, zclip_config: ZClipConfig, adagc_config: AdaGCConfig | None = None,
-           progress: bool = True) -> Replay:
+           settings: Settings | None = None) -> Replay:
     """Simulate both methods on a trace (AdaGC skipped when ``adagc_config`` is None)."""
-    z = simulate_zclip(trace.norms, zclip_config, progress)
-    a = simulate_adagc(trace.norms, adagc_config, progress) if adagc_config is not None else None
-    return Replay(trace, zclip_config, z, adagc_config, a)
+    z = simulate_zclip(trace.norms, zclip_config)
+    a = simulate_adagc(trace.norms, adagc_config) if adagc_config is not None else None
+    return Replay(trace, zclip_config, z, adagc_config, a, settings)
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -255,6 +132,31 @@ def _clipped_lines(steps: list[int], norms: list[float], coefs: list[float], cli
     return lines
 
 
+def _agreement(result: Replay) -> str | None:
+    """Compare the simulation with the decisions the trace recorded, when it ran with the run's settings."""
+    s, t = result.settings, result.trace
+    if s is None or s.reproduces is None:
+        return None
+    if s.reproduces == "zclip" and "clipped" in t.columns:
+        recorded, simulated, what = t.columns["clipped"], result.zclip["clipped"], "ZClip"
+    elif s.reproduces == "adagc" and "num_clipped_tensors" in t.columns and result.adagc is not None:
+        recorded = [None if v is None else v > 0 for v in t.columns["num_clipped_tensors"]]
+        simulated, what = result.adagc["clipped"], "AdaGC-global"
+    else:
+        return None
+    if t.gaps():
+        return f"  the run's own {what} decisions: not comparable (the trace skips steps)"
+    differ = [t.steps[i] for i, (r, c) in enumerate(zip(recorded, simulated)) if r is not None and bool(r) != c]
+    if differ:
+        return (f"  the run's own {what} decisions differ at {len(differ)} steps (first: step {differ[0]}): "
+                "the trace is not the run's every step, or the settings are not the run's")
+    return f"  the run's own {what} decisions: the same at every step ({sum(bool(r) for r in recorded if r)} clipped)"
+
+
+def _settings_text(config: ZClipConfig | AdaGCConfig, skip: Sequence[str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k not in skip)
+
+
 def report(result: Replay, limit: int = 20) -> str:
     """Human-readable summary: which steps each method clips and by how much."""
     t = result.trace
@@ -262,18 +164,27 @@ def report(result: Replay, limit: int = 20) -> str:
     nonfinite = sum(not math.isfinite(v) for v in t.norms)
     lines = [f"trace: {t.source} [{t.field}], {n} steps ({t.steps[0]}..{t.steps[-1]})"
              + (f", {nonfinite} non-finite" if nonfinite else "")]
+    lines += [f"  note: {note}" for note in t.notes]
     if t.gaps():
-        lines.append(f"  note: {t.gaps()} steps are missing (logged every few steps?); the simulation sees only "
-                     "the logged ones, so its statistics differ from the run's")
-    z, cfg = result.zclip, result.zclip_config
-    settings = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if k not in ("nonfinite", "verify_every"))
-    lines.append(f"ZClip ({settings}): {sum(z['clipped'])} steps clipped, {sum(z['spike'])} spikes")
+        lines.append(f"  note: logged every {t.interval()} steps ({t.gaps()} steps not in the trace); the simulation "
+                     "sees only the logged ones, so its statistics differ from the run's")
+    if result.settings is not None:
+        lines.append(f"settings from {result.settings.origin}")
+        lines += [f"  note: {note}" for note in result.settings.notes]
+    z = result.zclip
+    skip = ("nonfinite",) + _OFFLINE_SKIP
+    lines.append(f"ZClip ({_settings_text(result.zclip_config, skip)}): {sum(z['clipped'])} steps clipped, "
+                 f"{sum(z['spike'])} spikes" + (f", {sum(z['regime_shift'])} regime-shift steps"
+                                                if any(z["regime_shift"]) else ""))
     lines += _clipped_lines(t.steps, t.norms, z["coef"], z["clipped"], limit)
     if result.adagc is not None:
-        a, acfg = result.adagc, result.adagc_config
-        lines.append(f"AdaGC-global (clip_ratio={acfg.clip_ratio}, beta={acfg.beta}, warmup_steps={acfg.warmup_steps}, "
-                     f"max_grad_norm={acfg.max_grad_norm}): {sum(a['clipped'])} steps clipped")
+        a = result.adagc
+        lines.append(f"AdaGC-global ({_settings_text(result.adagc_config, skip + ('mode',))}): "
+                     f"{sum(a['clipped'])} steps clipped")
         lines += _clipped_lines(t.steps, t.norms, a["coef"], a["clipped"], limit)
+    agreement = _agreement(result)
+    if agreement:
+        lines.append(agreement)
     return "\n".join(lines)
 
 
@@ -293,36 +204,8 @@ def write_csv(result: Replay, path: str) -> None:
 
 
 def plot(result: Replay, path: str) -> str:
-    """PNG: the norm trace, both thresholds, and the steps each method clips."""
-    import matplotlib
+    """PNG of the trace, both thresholds and every clipped step (see :mod:`~zclip_dist.plotting`)."""
+    from .plotting import plot_replay
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return plot_replay(result, path)
 
-    t, z, a = result.trace, result.zclip, result.adagc
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    ax.plot(t.steps, t.norms, color="0.45", lw=0.8, label="grad norm (trace)")
-    live = [i for i, w in enumerate(z["warmup"]) if not w]
-    ax.plot([t.steps[i] for i in live], [z["threshold"][i] for i in live], color="tab:blue", lw=1,
-            label="ZClip threshold")
-    zc = [i for i, c in enumerate(z["clipped"]) if c]
-    ax.scatter([t.steps[i] for i in zc], [t.norms[i] for i in zc], s=14, color="tab:blue", marker="o",
-               label=f"clipped by ZClip ({len(zc)})", zorder=3)
-    if a is not None:
-        ax.plot(t.steps, a["threshold"], color="tab:orange", lw=1, ls="--", label="AdaGC-global threshold")
-        ac = [i for i, c in enumerate(a["clipped"]) if c]
-        ax.scatter([t.steps[i] for i in ac], [t.norms[i] for i in ac], s=30, facecolors="none",
-                   edgecolors="tab:orange", marker="s", label=f"clipped by AdaGC-global ({len(ac)})", zorder=2)
-    finite = [v for v in t.norms if math.isfinite(v) and v > 0]
-    if finite and max(finite) / min(finite) > 20:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("global grad norm")
-    ax.set_title(f"replay of {os.path.basename(t.source)}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..metrics import JsonlSink
+from ..metrics import JsonlSink, config_header, header
 from .corpus import VOCAB_SIZE, Corpus
 from .model import GPT, GPTConfig
 from .settings import RUNS, DemoSettings
@@ -78,7 +78,11 @@ def train_run(settings: DemoSettings, run: str, corpus: Corpus) -> dict[str, Any
     deepspeed.utils.groups.mpu = None  # a previous engine's state must not leak into this one
     engine = _build(settings, run)
     device = engine.device
-    sink = JsonlSink(os.path.join(settings.out, f"{run}.jsonl")) if rank == 0 else None
+    sink = None
+    if rank == 0:
+        zclip = getattr(engine, "_zclip", None)  # the header: the settings replay needs to reproduce the run
+        head = config_header(zclip.config) if zclip is not None else header("fixed", {"max_grad_norm": settings.clip})
+        sink = JsonlSink(os.path.join(settings.out, f"{run}.jsonl"), header=head)
     history: list[dict[str, Any]] = []
     bar = None
     if rank == 0 and settings.progress:

@@ -174,7 +174,7 @@ class AdaGC(_DropIn):
     """
 
     def __init__(self, *, mode: str = "adagc", clip_ratio: float = 1.04, beta: float = 0.99,
-                 warmup_steps: int = 100, max_grad_norm: float = 1.0, eps: float = 1e-6,
+                 warmup_steps: int = 100, max_grad_norm: float | None = 1.0, eps: float = 1e-6,
                  nonfinite: str = "skip", recovery_steps: int | None = None, log_jsonl: str | None = None,
                  log_interval: int = 1, topology: Topology | None = None,
                  config: AdaGCConfig | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
