@@ -159,7 +159,9 @@ class ZClipConfig(_FromDict):
             check_real(src, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         check_real(src, "eps", self.eps, low=0.0)
         check_int(src, "warmup_steps", self.warmup_steps, low=1)
-        # The reference lower-cases mode but not clip_option; we accept exactly the documented spellings.
+        # The reference lower-cases mode (not clip_option): "ZSCORE" means "zscore" there and here.
+        if isinstance(self.mode, str):
+            object.__setattr__(self, "mode", self.mode.lower())
         check_choice(src, "mode", self.mode, MODES)
         check_choice(src, "clip_option", self.clip_option, CLIP_OPTIONS)
         check_real(src, "clip_factor", self.clip_factor, low=0.0, low_open=True)
