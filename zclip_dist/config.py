@@ -113,13 +113,15 @@ class ZClipConfig(_FromDict):
             ``gradient_clipping``, Megatron ``--clip-grad``), the engine's value is the cap.
         eps: added to the standard deviation in the z-score.
         warmup_steps: number of (finite) norms collected before the statistics exist.
-        mode: ``"zscore"`` or ``"percentile"`` (the latter clips to ``mean + z_thresh*std``).
+        mode: ``"zscore"`` or ``"percentile"`` (the latter clips to ``mean + z_thresh*std``); any case,
+            as the reference lower-cases it.
         clip_option: ``"adaptive_scaling"`` (reciprocal rule) or ``"mean"``; zscore mode only.
         clip_factor: multiplies the adaptive threshold (all of it, as the reference does).
         skip_update_on_spike: leave the statistics untouched on a spike step.
         nonfinite: what a NaN/Inf global norm does. The statistics never see it under any policy.
-            ``"skip"``: the step is skipped on every rank (engines: their own overflow/skip path; the
-            PyTorch drop-in zeroes the gradients, non-finite entries included).
+            ``"skip"``: the step is skipped on every rank, parameters and optimizer state untouched
+            (engines: their own overflow/skip path; the PyTorch drop-in: the ``optimizer=`` it was given,
+            without which it can only zero the gradients, and warns).
             ``"raise"``: raise ``FloatingPointError`` on every rank (the drop-in then reads the
             norm on the host every step). ``"propagate"``: leave the gradients to the engine's own checks.
         recovery_steps: opt-in regime-shift recovery (``None``: the reference's behaviour). After this
