@@ -43,9 +43,9 @@ class ZClipLightningCallback(L.Callback):
         if not any(p.grad is not None for p in pl_module.parameters()):
             return  # Lightning skipped the backward (training_step returned None): nothing to clip
         self.zclip.step(pl_module)
-        if self.log_metrics and trainer.log_every_n_steps:
-            # Device tensors, every step: Lightning keeps the latest value and reads it only when it
-            # writes a row, so a row holds its own step's values and other steps make no host read.
+        if self.log_metrics and _row_written_after_this_step(trainer):
+            # Device tensors, read by Lightning when it writes the row: no host read here. Only on those
+            # steps: self.log costs about a millisecond per metric, and the latest value is what is written.
             values = self.zclip.clipper.metrics_tensor().unbind()
             for name, value in zip(METRIC_NAMES, values):
                 pl_module.log(f"zclip/{name}", value, on_step=True, on_epoch=False)
@@ -61,3 +61,9 @@ class ZClipLightningCallback(L.Callback):
         # one (a run that had no ZClip) it would start from warmup silently.
         if self.state_key not in checkpoint.get("callbacks", {}):
             self.zclip.load_state_dict(None)
+
+
+def _row_written_after_this_step(trainer: "L.Trainer") -> bool:
+    """Will Lightning write a row of logged metrics at the end of this batch? Its own test, which counts
+    the batches that stepped (not ``global_step``, which counts every optimizer's steps)."""
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
