@@ -226,3 +226,44 @@ def test_grad_scaler_with_a_fused_optimizer_keeps_both_flags():
         if t == 4:
             assert_same(before[0], snapshot(model, opt)[0], "GradScaler step not skipped")
     assert scaler.get_scale() == 2.0 ** 4  # the scaler itself never saw an overflow
+
+
+def _fsdp_seen_and_never(rank: int, world: int) -> dict[str, bool]:
+    from torch.distributed.fsdp import fully_shard
+
+    def run(make_opt, seen: bool):
+        model = make_model()
+        fully_shard(model)
+        opt = make_opt(list(model.parameters()))
+        zc = ZClip(warmup_steps=2, optimizer=opt)
+        for t in range(6):
+            if t == 3 and not seen:
+                continue
+            x, y = batch(10 * t + rank)
+            if t == 3 and rank == 1:
+                x[0, 0] = math.nan  # on one rank only: every rank must skip
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            zc.step(model)
+            opt.step()
+        full = [p.full_tensor() for p in model.parameters()]
+        state = {k: {n: v.full_tensor() if hasattr(v, "full_tensor") else v for n, v in s.items()}
+                 for k, s in opt.state_dict()["state"].items()}
+        return full, state
+
+    out = {}
+    for name in ("AdamW fused", "SGD momentum"):
+        try:
+            assert_same(run(OPTIMIZERS[name], True), run(OPTIMIZERS[name], False), name)
+            out[name] = True
+        except AssertionError:
+            out[name] = False
+    return out
+
+
+def test_fsdp2_skip_on_every_rank_as_if_never_seen():
+    """FSDP2 x2, the NaN on rank 1 only: fused (found_inf on DTensor shards) and host-read paths."""
+    from .distributed import run_ranks
+
+    for r, res in enumerate(run_ranks(_fsdp_seen_and_never, 2)):
+        assert res == {"AdamW fused": True, "SGD momentum": True}, (r, res)
