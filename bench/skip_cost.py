@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows = run(device, n_params=args.params, n_tensors=args.tensors, repeats=args.repeats)
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"skip_cost_{device.type}.json")
-    command = "python -m bench.skip_cost " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m bench.skip_cost", *(sys.argv[1:] if argv is None else argv)])
     with open(out, "w") as f:
         json.dump({"machine": machine(), "command": command, "rows": rows}, f, indent=1)
     md = table(rows, COLUMNS)
