@@ -8,6 +8,7 @@ has run (it skips on the device through ``found_inf``) and exactly one otherwise
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -80,8 +81,6 @@ def batch(t: int, bad: float | None = None):
 
 
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], dict]:
-    import copy
-
     return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
 
 
