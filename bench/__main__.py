@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from . import clip_phase, counts
+from . import clip_phase, counts, skip_cost
 from .common import machine
 
 
@@ -43,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         result["gpu_sync_free"] = gpu_checks.sync_free_steps(device)
         result["gpu_cuda_graph"] = gpu_checks.cuda_graph_replay(device)
     result["clip_phase"] = clip_phase.run(device, quick=args.quick, repeats=5 if args.quick else 20)
+    result["skip_cost"] = skip_cost.run(device, n_params=10_000_000, n_tensors=50, repeats=10 if args.quick else 30)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{device.type}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     md = ["## counts per step", table(result["counts"], ["front_end", "host_reads_per_step", "collectives_per_step"]),
           "## clip phase", table(result["clip_phase"], ["device", "params", "tensors", "dtype", "variant", "median_ms",
-                                                         "ratio_vs_clip_grad_norm", "reference_over_this"])]
+                                                         "ratio_vs_clip_grad_norm", "reference_over_this"]),
+          "## skip cost per optimizer (10M parameters, 50 tensors, fp32)", table(result["skip_cost"], skip_cost.COLUMNS)]
     for key in ("gpu_sync_free", "gpu_cuda_graph"):
         if key in result:
             md += [f"## {key}", "```", json.dumps(result[key], indent=1), "```"]

@@ -1,9 +1,10 @@
 """The standalone clip phase: ZClip and AdaGC drop-ins vs torch's clip_grad_norm_ and the reference zclip.
 
 All variants see the same gradients; each call computes the norm and scales the gradients (the
-baseline's coefficient is fixed, ZClip's is adaptive). "skip by zeroing" is the default without an
-optimizer (a nan_to_num pass guards against NaN entries); "skip by fused optimizer" is
-``ZClip(..., optimizer=AdamW(fused=True))``, where the optimizer skips a non-finite step itself. The reference package only scales when it clips;
+baseline's coefficient is fixed, ZClip's is adaptive). "skip by zeroing" is the fallback without
+``optimizer=`` (a nan_to_num pass guards against NaN entries); "skip by fused optimizer" is
+``ZClip(..., optimizer=AdamW(fused=True))``: the clip phase of any ``optimizer=``, whose ``step()`` then
+skips a non-finite step itself (its cost per optimizer kind: ``bench/skip_cost.py``). The reference package only scales when it clips;
 on a CPU its host branch costs nothing, so its ratio there is reported as measured.
 """
 
@@ -32,7 +33,7 @@ def run(device: torch.device, *, quick: bool = False, repeats: int = 10) -> list
         module.params = torch.nn.ParameterList(params)
         # Warmed-up clippers (past warmup) so the adaptive branch is what gets timed.
         zclip_skip = ZClip(max_grad_norm=None, warmup_steps=2)
-        fused = torch.optim.AdamW(params, fused=True)  # never stepped: only its found_inf flag is used
+        fused = torch.optim.AdamW(params, fused=True)  # never stepped: attached, so no scrub pass
         zclip_fused = ZClip(max_grad_norm=None, warmup_steps=2, optimizer=fused)
         adagc = AdaGC(warmup_steps=2, optimizer=fused)
         ref = ReferenceZClip(max_grad_norm=None, warmup_steps=2)

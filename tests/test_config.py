@@ -30,7 +30,7 @@ def test_defaults_equal_reference():
     ("max_grad_norm", 0.0, "(0, inf)"), ("max_grad_norm", "1.0", "(0, inf)"),
     ("eps", -1e-6, "[0, inf)"),
     ("warmup_steps", 0, "integer >= 1"), ("warmup_steps", 2.5, "integer >= 1"),
-    ("mode", "ZScore", "'zscore', 'percentile'"), ("mode", "median", "'zscore', 'percentile'"),
+    ("mode", "z-score", "'zscore', 'percentile'"), ("mode", "median", "'zscore', 'percentile'"),
     ("clip_option", "Mean", "'adaptive_scaling', 'mean'"),
     ("clip_factor", 0.0, "(0, inf)"),
     ("skip_update_on_spike", "yes", "true or false"),
@@ -54,3 +54,11 @@ def test_from_dict_unknown_key_and_engine_default():
     assert ZClipConfig.from_dict({"enabled": True, "alpha": 0.9}).alpha == 0.9
     with pytest.raises(ConfigError, match=r"--zclip\.alpha|ds\.zclip\.alpha"):
         ZClipConfig.from_dict({"alpha": 2}, source="ds.zclip")
+
+
+def test_mode_is_lower_cased_as_the_reference_does():
+    from zclip import ZClip as ReferenceZClip
+
+    for spelling, mode in (("ZSCORE", "zscore"), ("Percentile", "percentile")):
+        assert ZClipConfig(mode=spelling).mode == mode == ReferenceZClip(mode=spelling).mode
+        assert ZClipConfig.from_dict({"mode": spelling}) == ZClipConfig(mode=mode)

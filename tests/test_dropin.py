@@ -74,10 +74,10 @@ def test_parameter_iterable_and_bf16_accumulates_in_fp32():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nonfinite_skip_zeroes_gradient_and_keeps_statistics(bad):
+def test_nonfinite_skip_keeps_statistics(bad):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    zc = ZClip(warmup_steps=3)
+    zc = ZClip(warmup_steps=3, optimizer=opt)
     for t, x, y in batches(8):
         backward(model, x, y)
         if t == 5:
@@ -183,3 +183,66 @@ def test_jsonl_log_interval(tmp_path):
     assert header["method"] == "zclip" and header["settings"]["log_interval"] == 4
     assert [r["step"] for r in lines] == [4, 8]  # every 4th step
     assert lines[1]["spike"] and lines[1]["coef"] < 1 and lines[1]["grad_norm"] > lines[0]["grad_norm"]
+
+
+def test_step_without_gradients_raises_and_leaves_the_statistics():
+    """The reference fills its warmup with zeros here and then scales every later gradient to 0."""
+    data = list(batches(8, spike_at=6))
+    model, ref_model = make_model(), make_model()
+    zc, ref = ZClip(warmup_steps=3, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)), ZClip(warmup_steps=3)
+    with pytest.raises(RuntimeError, match=r"found no gradients .*after loss.backward\(\)"):
+        zc.step(model)  # before any backward
+    assert zc.clipper.state is None
+    for t, x, y in data:
+        backward(model, x, y)
+        backward(ref_model, x, y)
+        zc.step(model)
+        ref.step(ref_model)
+        assert repr(zc.metrics()) == repr(ref.metrics())  # repr: NaN (z in warmup) equals NaN
+    assert zc.metrics()["coef"] < 1.0 and zc.metrics()["num_spikes"] == 1
+
+
+@pytest.mark.parametrize("other", [torch.float64, torch.bfloat16])
+def test_gradients_of_several_dtypes(other):
+    """fp32 with fp64 accumulates in fp64 (the norm clip_grad_norm_ gives), fp32 with bf16 in fp32."""
+    model = make_model()
+    model[3].to(other)
+    _, x, y = next(batches(1))
+    out = model[3](model[:3](x).to(other))
+    nn.functional.mse_loss(out.float(), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads]))
+    zc = ZClip(max_grad_norm=0.01, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    norm = zc.step(model)
+    assert norm.dtype == (torch.float64 if other == torch.float64 else torch.float32)
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-12 if other == torch.float64 else 1e-6, atol=0)
+    if other == torch.float64:
+        reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for r, g in zip(reference, grads):
+            r.grad = g.clone()
+        # clip_grad_norm_ takes the fp32 tensors' norms in fp32 before promoting: equal to ~1e-9
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(reference, 0.01), rtol=1e-7, atol=0)
+    coef = zc.metrics()["coef"]
+    assert coef < 1
+    for p, g in zip(model.parameters(), grads):  # each gradient scaled in its own dtype
+        assert p.grad.dtype == g.dtype
+        torch.testing.assert_close(p.grad, g * torch.tensor(coef, dtype=g.dtype), rtol=1e-2 if g.dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
+def test_one_tensor_as_clip_grad_norm_accepts():
+    torch.manual_seed(0)
+    w, ref = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5, 3))
+    w.grad = torch.randn(5, 3) * 10
+    ref.grad = w.grad.clone()
+    norm = ZClip(max_grad_norm=1.0, nonfinite="propagate").step(w)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 1.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(w.grad, ref.grad, rtol=1e-6, atol=0)
+
+
+def test_sparse_gradient_is_a_one_line_error():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    model(torch.tensor([1, 2, 2])).sum().backward()
+    with pytest.raises(ValueError) as err:
+        ZClip(nonfinite="propagate").step(model)
+    msg = str(err.value)
+    assert "'0.weight'" in msg and "sparse" in msg and "sparse=False" in msg and "\n" not in msg

@@ -10,26 +10,27 @@ L = pytest.importorskip("lightning")
 from zclip.zclip_lightning_callback import ZClipLightningCallback as ReferenceCallback  # noqa: E402
 
 from zclip_dist import ZClipLightningCallback  # noqa: E402
+from zclip_dist.metrics import METRIC_NAMES  # noqa: E402
+
+from .sync_guard import count_host_reads  # noqa: E402
+from .test_skip import assert_same  # noqa: E402
 
 CFG = dict(max_grad_norm=None, warmup_steps=5)
 
 
 class Tiny(L.LightningModule):
-    def __init__(self):
+    def __init__(self, make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05)):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-        self.norms = []
+        self.make_optimizer = make_optimizer
 
     def training_step(self, batch, idx):
         x, y = batch
         return nn.functional.mse_loss(self.net(x), y)
 
-    def on_before_optimizer_step(self, optimizer):
-        self.norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.parameters()])).item())
-
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return self.make_optimizer(self.parameters())
 
 
 def loader():
@@ -40,12 +41,13 @@ def loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
 
 
-def fit(callback, max_steps=20, ckpt_path=None, tmp_path=None):
-    model = Tiny()
-    trainer = L.Trainer(max_steps=max_steps, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+def fit(callback, max_steps=20, ckpt_path=None, tmp_path=None, model=None, data=None, **trainer_kwargs):
+    model = model or Tiny()
+    kwargs = dict(logger=False, log_every_n_steps=1, **trainer_kwargs)
+    trainer = L.Trainer(max_steps=max_steps, callbacks=[callback], accelerator="cpu", devices=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        log_every_n_steps=1, default_root_dir=tmp_path)
-    trainer.fit(model, loader(), ckpt_path=ckpt_path)
+                        default_root_dir=tmp_path, **kwargs)
+    trainer.fit(model, data or loader(), ckpt_path=ckpt_path)
     return model, trainer
 
 
@@ -76,3 +78,71 @@ def test_callback_state_in_lightning_checkpoint(tmp_path):
     fit(continued_cb, max_steps=15, ckpt_path=str(tmp_path / "half.ckpt"), tmp_path=tmp_path)
     assert int(continued_cb.zclip.clipper.state.steps) == 15  # counted on from 10, no new warmup
     assert not bool(continued_cb.zclip.last.warmup)
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),  # skipped by a host read
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),  # skipped on the device (found_inf)
+], ids=["SGD momentum", "AdamW fused"])
+def test_skipped_step_is_as_if_the_batch_was_never_seen(tmp_path, make_optimizer):
+    """Lightning calls optimizer.step(closure) and clips inside the closure: the step is skipped all the same."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(48, 4, generator=gen), torch.randn(48, 1, generator=gen)
+    x[0, 0], x[28, 1] = float("nan"), float("inf")  # batches 0 and 3 (of 8 samples) are bad
+    good = torch.ones(48, dtype=torch.bool)
+    good[:8] = good[24:32] = False
+
+    def data(mask):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[mask], y[mask]), batch_size=8)
+
+    seen_cb = ZClipLightningCallback(warmup_steps=2, log_metrics=False)
+    seen, trainer = fit(seen_cb, max_steps=-1, max_epochs=1, model=Tiny(make_optimizer),
+                        data=data(torch.ones(48, dtype=torch.bool)), tmp_path=tmp_path)
+    never, ref_trainer = fit(ZClipLightningCallback(warmup_steps=2, log_metrics=False), max_steps=-1, max_epochs=1,
+                             model=Tiny(make_optimizer), data=data(good), tmp_path=tmp_path)
+    assert int(seen_cb.zclip.clipper.state.num_nonfinite) == 2
+    assert_same([p.detach() for p in seen.parameters()], [p.detach() for p in never.parameters()], "parameters")
+    assert_same(trainer.optimizers[0].state_dict(), ref_trainer.optimizers[0].state_dict(), "optimizer state")
+
+
+class Recorder(L.Callback):
+    """After the ZClip callback, every step: the metrics of that step (host reads here are the test's)."""
+
+    def __init__(self, zclip_callback):
+        self.zclip_callback, self.by_step = zclip_callback, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.by_step[trainer.global_step] = self.zclip_callback.zclip.metrics()
+
+
+class SyncFreeCallback(ZClipLightningCallback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        with count_host_reads(fail=True):
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+
+class SkipsOneBatch(Tiny):
+    def training_step(self, batch, idx):
+        return None if idx == 2 else super().training_step(batch, idx)  # Lightning: no backward, nothing to clip
+
+
+def test_logged_rows_hold_their_own_step_and_no_host_read_between(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    callback = SyncFreeCallback(**CFG)
+    recorder = Recorder(callback)
+    model = SkipsOneBatch()
+    trainer = L.Trainer(max_steps=20, callbacks=[callback, recorder], accelerator="cpu", devices=1,
+                        logger=CSVLogger(tmp_path), log_every_n_steps=5, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader())
+    with open(trainer.logger.experiment.metrics_file_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("zclip/grad_norm")]
+    assert [int(r["step"]) for r in rows] == [4, 9, 14, 19]
+    for r in rows:
+        expected = recorder.by_step[int(r["step"])]
+        for name in METRIC_NAMES:
+            assert float(r[f"zclip/{name}"]) == pytest.approx(float(expected[name]), rel=1e-6, nan_ok=True), (r["step"], name)
+    assert int(callback.zclip.clipper.state.steps) == 18  # batch 2 of each epoch had nothing to clip

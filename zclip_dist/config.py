@@ -113,13 +113,15 @@ class ZClipConfig(_FromDict):
             ``gradient_clipping``, Megatron ``--clip-grad``), the engine's value is the cap.
         eps: added to the standard deviation in the z-score.
         warmup_steps: number of (finite) norms collected before the statistics exist.
-        mode: ``"zscore"`` or ``"percentile"`` (the latter clips to ``mean + z_thresh*std``).
+        mode: ``"zscore"`` or ``"percentile"`` (the latter clips to ``mean + z_thresh*std``); any case,
+            as the reference lower-cases it.
         clip_option: ``"adaptive_scaling"`` (reciprocal rule) or ``"mean"``; zscore mode only.
         clip_factor: multiplies the adaptive threshold (all of it, as the reference does).
         skip_update_on_spike: leave the statistics untouched on a spike step.
         nonfinite: what a NaN/Inf global norm does. The statistics never see it under any policy.
-            ``"skip"``: the step is skipped on every rank (engines: their own overflow/skip path; the
-            PyTorch drop-in zeroes the gradients, non-finite entries included).
+            ``"skip"``: the step is skipped on every rank, parameters and optimizer state untouched
+            (engines: their own overflow/skip path; the PyTorch drop-in: the ``optimizer=`` it was given,
+            without which it can only zero the gradients, and warns).
             ``"raise"``: raise ``FloatingPointError`` on every rank (the drop-in then reads the
             norm on the host every step). ``"propagate"``: leave the gradients to the engine's own checks.
         recovery_steps: opt-in regime-shift recovery (``None``: the reference's behaviour). After this
@@ -159,7 +161,9 @@ class ZClipConfig(_FromDict):
             check_real(src, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         check_real(src, "eps", self.eps, low=0.0)
         check_int(src, "warmup_steps", self.warmup_steps, low=1)
-        # The reference lower-cases mode but not clip_option; we accept exactly the documented spellings.
+        # The reference lower-cases mode (not clip_option): "ZSCORE" means "zscore" there and here.
+        if isinstance(self.mode, str):
+            object.__setattr__(self, "mode", self.mode.lower())
         check_choice(src, "mode", self.mode, MODES)
         check_choice(src, "clip_option", self.clip_option, CLIP_OPTIONS)
         check_real(src, "clip_factor", self.clip_factor, low=0.0, low_open=True)

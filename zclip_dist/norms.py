@@ -1,8 +1,9 @@
 """Gradient norms: local sums of squares (pure math) and their exact reduction by a Topology.
 
 Local math follows ``torch.nn.utils.clip_grad_norm_``: tensors grouped by device and dtype, one
-``torch._foreach_norm`` per group, accumulated in fp32 whatever the gradient dtype (a bf16 model gets an
-fp32 norm; the reference package accumulated in the model dtype). The per-tensor values are kept as a
+``torch._foreach_norm`` per group, accumulated in fp32 or wider: the widest gradient dtype promoted with
+fp32 (a bf16 model gets an fp32 norm -- the reference package accumulated in the model dtype -- and a
+model with fp64 gradients an fp64 one, as ``clip_grad_norm_`` gives). The per-tensor values are kept as a
 vector, which AdaGC needs and which lets replicas weight their contribution without a second pass.
 Nothing here reads a value on the host.
 """
@@ -32,16 +33,17 @@ class NormPlan(NamedTuple):
 
     groups: tuple[tuple[int, ...], ...]  # indices into the gradient list, one tuple per (device, dtype)
     order: tuple[int, ...]  # plan position -> gradient-list index (concatenation of ``groups``)
-    weights: Tensor  # fp32 0/1 per plan position on the output device: does this rank's copy count
+    weights: Tensor  # 0/1 per plan position on the output device: does this rank's copy count
     tensor_weights: Tensor  # the same for per-tensor norms (dedup within the topology's tensor group)
     device: torch.device
+    dtype: torch.dtype  # the accumulation dtype: ACC_DTYPE, or wider when a gradient is wider
 
 
 class NormCalculator:
     """Global L2 norm of a list of gradients under a :class:`Topology`.
 
-    ``__call__(params, grads)`` returns ``(norm, sq)``: the global norm (0-d fp32, identical on every rank
-    of the topology's group) and this rank's per-tensor squared norms in plan order (``self.plan``).
+    ``__call__(params, grads)`` returns ``(norm, sq)``: the global norm (0-d, ``plan.dtype``, identical on
+    every rank of the topology's group) and this rank's per-tensor squared norms in plan order (``self.plan``).
     The plan (grouping, count weights) is cached and rebuilt only when the set of gradients changes.
     """
 
@@ -58,14 +60,19 @@ class NormCalculator:
             by_kind.setdefault((g.device, g.dtype), []).append(i)
         groups = tuple(tuple(ix) for ix in by_kind.values())
         order = tuple(i for ix in groups for i in ix)
+        acc = ACC_DTYPE
+        for _, dtype in by_kind:
+            if dtype.is_floating_point:
+                acc = torch.promote_types(acc, dtype)
+
         def mask(rule) -> Tensor:
-            return torch.tensor([1.0 if rule(params[i]) else 0.0 for i in order], dtype=ACC_DTYPE, device=device)
+            return torch.tensor([1.0 if rule(params[i]) else 0.0 for i in order], dtype=acc, device=device)
 
         return NormPlan(groups=groups, order=order, weights=mask(self.topology.counts),
-                        tensor_weights=mask(self.topology.counts_in_tensor_group), device=device)
+                        tensor_weights=mask(self.topology.counts_in_tensor_group), device=device, dtype=acc)
 
     def local_squares(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-        """Per-tensor squared norms of this rank's local gradients, fp32, in plan order."""
+        """Per-tensor squared norms of this rank's local gradients, in ``plan.dtype``, in plan order."""
         # Keyed by the parameters (stable objects), not the gradients (new tensors after zero_grad):
         # a parameter's gradient keeps its device and dtype, and hashing ids costs ~10 ns each.
         key = tuple(map(id, params))
@@ -74,17 +81,17 @@ class NormCalculator:
         plan = self.plan
         parts = []
         for ix in plan.groups:
-            norms = torch._foreach_norm([grads[i] for i in ix], 2, dtype=ACC_DTYPE)
+            norms = torch._foreach_norm([grads[i] for i in ix], 2, dtype=plan.dtype)
             parts.append(torch.stack(norms).to(plan.device, non_blocking=True))
         if not parts:
-            return torch.zeros(0, dtype=ACC_DTYPE, device=plan.device)
+            return torch.zeros(0, dtype=plan.dtype, device=plan.device)
         sq = torch.cat(parts) if len(parts) > 1 else parts[0]
         return sq.square_()
 
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         sq = self.local_squares(params, grads)
         # 0 * NaN = NaN: a non-finite gradient on a non-counting replica still poisons the sum on purpose.
-        total = torch.dot(sq, self.plan.weights) if sq.numel() else torch.zeros((), dtype=ACC_DTYPE, device=self.plan.device)
+        total = torch.dot(sq, self.plan.weights) if sq.numel() else torch.zeros((), dtype=self.plan.dtype, device=self.plan.device)
         self.topology.all_reduce_sum(total)
         return total.sqrt(), sq
 
@@ -101,7 +108,7 @@ class NormCalculator:
         if self.topology.tensor_group_is_group:
             self.topology.all_reduce_tensor_sum(full)
             return full.sum().sqrt(), full
-        total = torch.dot(sq, plan.weights) if sq.numel() else torch.zeros((), dtype=ACC_DTYPE, device=plan.device)
+        total = torch.dot(sq, plan.weights) if sq.numel() else torch.zeros((), dtype=plan.dtype, device=plan.device)
         self.topology.all_reduce_tensor_sum(full)
         self.topology.all_reduce_sum(total)
         return total.sqrt(), full

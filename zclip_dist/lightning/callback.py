@@ -1,8 +1,11 @@
 """Lightning callback with the reference package's name: clips in ``on_before_optimizer_step``.
 
 Lightning calls that hook after ``backward`` (and after unscaling under AMP) and before the optimizer
-step, once per optimizer step, so gradient accumulation is handled by Lightning. The ZClip state is
-saved in Lightning checkpoints through the callback's ``state_dict``.
+step, once per optimizer step, so gradient accumulation is handled by Lightning. A non-finite step is
+skipped as in the drop-in: the trainer's optimizers are attached at ``on_fit_start``, and their
+``step()`` -- which Lightning calls with the training closure, or through its GradScaler -- then leaves
+the parameters and the optimizer state untouched. The ZClip state is saved in Lightning checkpoints
+through the callback's ``state_dict``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("ZClipLightningCallback needs Lightning: pip install 'zclip-dist[lightning]'") from exc
 
+from ..metrics import METRIC_NAMES
 from ..pytorch import ZClip
 
 __all__ = ["ZClipLightningCallback"]
@@ -22,7 +26,8 @@ __all__ = ["ZClipLightningCallback"]
 class ZClipLightningCallback(L.Callback):
     """``Trainer(callbacks=[ZClipLightningCallback(alpha=0.97, z_thresh=2.5)])``; arguments as :class:`ZClip`.
 
-    Metrics are logged with ``pl_module.log`` under ``zclip/`` every ``log_every_n_steps`` steps.
+    Metrics are logged with ``pl_module.log`` under ``zclip/``; each row the logger writes (every
+    ``log_every_n_steps`` steps) holds the values of the step it is written for.
     """
 
     def __init__(self, *, log_metrics: bool = True, **zclip_kwargs: Any) -> None:
@@ -30,11 +35,20 @@ class ZClipLightningCallback(L.Callback):
         self.zclip = ZClip(**zclip_kwargs)
         self.log_metrics = log_metrics
 
+    def on_fit_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        for optimizer in trainer.optimizers:
+            self.zclip.attach_optimizer(optimizer)
+
     def on_before_optimizer_step(self, trainer: "L.Trainer", pl_module: "L.LightningModule", optimizer) -> None:
+        if not any(p.grad is not None for p in pl_module.parameters()):
+            return  # Lightning skipped the backward (training_step returned None): nothing to clip
         self.zclip.step(pl_module)
-        if self.log_metrics and trainer.log_every_n_steps and trainer.global_step % trainer.log_every_n_steps == 0:
-            for name, value in self.zclip.metrics().items():
-                pl_module.log(f"zclip/{name}", float(value), on_step=True, on_epoch=False)
+        if self.log_metrics and _row_written_after_this_step(trainer):
+            # Device tensors, read by Lightning when it writes the row: no host read here. Only on those
+            # steps: self.log costs about a millisecond per metric, and the latest value is what is written.
+            values = self.zclip.clipper.metrics_tensor().unbind()
+            for name, value in zip(METRIC_NAMES, values):
+                pl_module.log(f"zclip/{name}", value, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
         return self.zclip.state_dict()
@@ -47,3 +61,9 @@ class ZClipLightningCallback(L.Callback):
         # one (a run that had no ZClip) it would start from warmup silently.
         if self.state_key not in checkpoint.get("callbacks", {}):
             self.zclip.load_state_dict(None)
+
+
+def _row_written_after_this_step(trainer: "L.Trainer") -> bool:
+    """Will Lightning write a row of logged metrics at the end of this batch? Its own test, which counts
+    the batches that stepped (not ``global_step``, which counts every optimizer's steps)."""
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
