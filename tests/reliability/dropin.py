@@ -39,13 +39,13 @@ def rank_batch(step: int, rank: int, spikes: dict[int, int], dtype: torch.dtype 
     return x.to(dtype), y.to(dtype)
 
 
-def make_clipper(method: str, topology=None, **overrides):
+def make_clipper(method: str, topology=None, optimizer=None, **overrides):
     from zclip_dist import AdaGC, ZClip
     from zclip_dist.config import AdaGCConfig, ZClipConfig
 
     if method == "zclip":
-        return ZClip(config=ZClipConfig(**{**ZCLIP, **overrides}), topology=topology)
-    return AdaGC(config=AdaGCConfig(**{**ADAGC, **overrides}), topology=topology)
+        return ZClip(config=ZClipConfig(**{**ZCLIP, **overrides}), topology=topology, optimizer=optimizer)
+    return AdaGC(config=AdaGCConfig(**{**ADAGC, **overrides}), topology=topology, optimizer=optimizer)
 
 
 def state_bytes(clipper) -> list[bytes]:
@@ -140,7 +140,7 @@ def nonfinite_faults(rank: int, method: str, dtype_name: str, n_steps: int, faul
     dtype = getattr(torch, dtype_name)
     model = wrap(make_model(dtype), "ddp")
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
-    clip = make_clipper(method)
+    clip = make_clipper(method, optimizer=opt)  # optimizer=: a non-finite step is skipped, not zeroed
     rng = random.Random(seed)  # same draws on every rank: which tensor and which value per fault
     names = [n for n, _ in model.named_parameters()]
     out = {"actions": [], "poisoned": [], "unchanged": [], "nonfinite_params": 0, "injected": []}
