@@ -27,18 +27,6 @@ NONFINITE_PATHS = {"ZeRO-0 fp32 (no wrapper)": ({}, False), "ZeRO-2 fp32": (Z2, 
 STATS = ("count", "buffer", "mean", "var", "streak")
 
 
-class Monitor:
-    """Stands in for DeepSpeed's monitor: records what the attachment writes (rank 0, every step here)."""
-
-    enabled = True
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, float, int]] = []
-
-    def write_events(self, events) -> None:
-        self.events.extend(events)
-
-
 def engine_for(zclip: dict | None, ds: dict, bf16: bool = False, model=None):
     import deepspeed.utils.groups
 
@@ -98,7 +86,7 @@ def _fault_hooks(engine, rank: int, faults: dict[int, int], clock: list[int], se
 
 def nonfinite(rank: int, ds: dict, bf16: bool, n_steps: int, faults: dict[int, int], policy: str = "skip") -> dict:
     engine = engine_for({**ZCLIP, "nonfinite": policy}, ds, bf16)
-    monitor = engine.monitor = Monitor()
+    monitor = engine.monitor = H.Monitor()
     clock = [0]
     injected = _fault_hooks(engine, rank, faults, clock, seed=5)
     out = {"actions": [], "poisoned": [], "unchanged": [], "nonfinite_params": 0, "injected": injected,
