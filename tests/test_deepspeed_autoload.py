@@ -27,6 +27,8 @@ from tests import ds_harness as H
 from tests import ds_user_script as U
 from tests.distributed import free_port
 
+pytestmark = pytest.mark.slow  # spawned rank groups / launched jobs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "ds_user_script.py")
 PTH = "zclip_dist_autoload.pth"

@@ -27,6 +27,8 @@ from tests import ds_harness as H
 from tests.adagc_reference import AdaGCReference
 from tests.distributed import run_ranks
 
+pytestmark = pytest.mark.slow  # spawned rank groups / launched jobs
+
 Z1, Z2, Z3 = ({"zero_optimization": {"stage": s}} for s in (1, 2, 3))
 GROWING = {"initial_scale_power": 4, "loss_scale_window": 2}  # scale 16, doubled every 2 clean steps
 FP16 = {

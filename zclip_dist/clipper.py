@@ -188,7 +188,7 @@ class _JsonlLog:
         if self.config.log_jsonl is None or not self.jsonl_every_interval:
             return
         self._logged_calls += 1
-        if self._logged_calls % self.config.log_interval:
+        if self._logged_calls % self.config.log_interval or (dist.is_initialized() and dist.get_rank() != 0):
             return
         self.write_jsonl(self._logged_calls, self.metrics())  # the one host transfer
 
@@ -320,9 +320,11 @@ ADAGC_METRIC_NAMES = ("grad_norm", "num_clipped_tensors", "min_coef", "warmup", 
 
 def adagc_to_host(vector: Tensor | Sequence[float]) -> dict[str, Any]:
     """AdaGC's metrics vector (one host transfer, or values already read) as Python numbers."""
-    v = vector.tolist() if isinstance(vector, Tensor) else list(vector)
-    return {"grad_norm": v[0], "num_clipped_tensors": int(v[1]), "min_coef": v[2],
-            "warmup": bool(v[3]), "nonfinite": bool(v[4]), "skipped": bool(v[5])}
+    out = dict(zip(ADAGC_METRIC_NAMES, vector.tolist() if isinstance(vector, Tensor) else vector))
+    out["num_clipped_tensors"] = int(out["num_clipped_tensors"])
+    for flag in ("warmup", "nonfinite", "skipped"):
+        out[flag] = bool(out[flag])
+    return out
 
 
 class AdaGCClipper(_JsonlLog):
