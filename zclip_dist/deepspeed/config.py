@@ -78,8 +78,8 @@ def _max_grad_norm(key: str, value: Any) -> float | None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
         return value
-    raise ConfigError(f"{key}.max_grad_norm = {value!r} is invalid: allowed a number > 0, or null / \"none\" "
-                      "(no cap)")
+    raise ConfigError(f"{key}.max_grad_norm = {value!r} is invalid: allowed a number in (0, inf), or null / "
+                      "\"none\" (no cap)")
 
 
 def _engine_clip(param_dict: Mapping[str, Any]) -> dict[str, float | None]:
