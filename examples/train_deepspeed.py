@@ -1,12 +1,15 @@
 """A plain DeepSpeed training script with nothing ZClip-specific in it but the config entry.
 
-Run it through the ZClip launcher so that ``deepspeed.initialize`` attaches ZClip (launch/deepspeed_*.sh):
+With zclip_dist pip-installed, ``deepspeed.initialize`` attaches ZClip however the script is started:
+
+    deepspeed --num_gpus 2 examples/train_deepspeed.py --steps 8
+    torchrun --nproc_per_node 2 examples/train_deepspeed.py --steps 8
+    mpirun -np 2 python examples/train_deepspeed.py --steps 8
+
+The launcher module does the same explicitly (also with ``ZCLIP_DIST_AUTO=0``; launch/deepspeed_*.sh use it):
 
     deepspeed --num_gpus 2 --module zclip_dist.deepspeed.launch examples/train_deepspeed.py --steps 8
-    torchrun --nproc_per_node 2 -m zclip_dist.deepspeed.launch examples/train_deepspeed.py --steps 8
-    mpirun -np 2 python -m zclip_dist.deepspeed.launch examples/train_deepspeed.py --steps 8
 
-Started directly (``python examples/train_deepspeed.py`` under a launcher) it trains without ZClip.
 ``--report FILE`` writes one JSON line per rank: whether ZClip was attached and its last metrics.
 """
 

@@ -40,6 +40,16 @@ class Case:
     ckpt_dir: str | None = None  # with save_at: save there after that many steps, or (resume) load and go on
     save_at: int | None = None
     resume: bool = False
+    fp16: dict[str, Any] | None = None  # the "fp16" section: fp16 weights, DeepSpeed's loss scaler
+    fused: bool = False  # a FusedAdam-typed SGD: fp16 ZeRO-0 builds FP16_Optimizer instead of FP16_Unfused
+    experts: int = 0  # kind="moe": experts in total, over an expert-parallel group of ep_size ranks
+    ep_size: int = 2
+    entry: str = "zclip_dist"  # or "deepspeed": plain deepspeed.initialize (zclip_dist's import hook)
+    attach_after_load: bool = False  # with resume: a plain engine loads, then attach(engine, case.zclip)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.fp16 is not None else torch.bfloat16 if self.bf16 else torch.float32
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -62,6 +72,69 @@ def mlp(hidden: int = 8) -> nn.Sequential:
 
 def mlp_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return F.linear(torch.tanh(F.linear(x, p["0.weight"], p["0.bias"])), p["2.weight"], p["2.bias"])
+
+
+def moe_forward(p: dict[str, torch.Tensor], x: torch.Tensor, experts: int) -> torch.Tensor:
+    """``MoEMLP`` with every expert in one process: top-1 gate, softmax weight, no token dropped."""
+    h = torch.tanh(F.linear(x, p["inp.weight"], p["inp.bias"]))
+    gates = torch.softmax(F.linear(h, p["gate.weight"]), dim=1)
+    chosen = gates.argmax(dim=1)
+    outs = torch.stack([F.linear(h, p[f"experts.{e}.weight"], p[f"experts.{e}.bias"]) for e in range(experts)], 1)
+    picked = outs[torch.arange(h.shape[0]), chosen] * gates.gather(1, chosen[:, None])
+    return F.linear(picked, p["out.weight"], p["out.bias"])
+
+
+class MoEMLP(nn.Module):
+    """4 -> 8, a DeepSpeed MoE layer (top-1, ``experts`` Linear(8, 8) experts over ``ep_size`` ranks,
+    capacity never binding, no random token selection), 8 -> 4. Each expert's initial weights depend on
+    its global index only, so the oracle can rebuild them."""
+
+    GLOBAL_NAMES = {"inp": "inp", "moe.deepspeed_moe.gate.wg": "gate", "out": "out"}
+
+    def __init__(self, experts: int, ep_size: int) -> None:
+        from deepspeed.moe.layer import MoE
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.moe = MoE(hidden_size=8, expert=nn.Linear(8, 8), num_experts=experts, ep_size=ep_size, k=1,
+                       min_capacity=BATCH, use_rts=False, drop_tokens=True)
+        self.first = torch.distributed.get_rank() % ep_size * (experts // ep_size)  # DeepSpeed's EP layout
+        for i, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+            g = torch.Generator().manual_seed(100 + self.first + i)
+            with torch.no_grad():
+                expert.weight.copy_(torch.randn(8, 8, generator=g) * 0.5)
+                expert.bias.copy_(torch.randn(8, generator=g) * 0.1)
+        with torch.no_grad():
+            self.moe.deepspeed_moe.gate.wg.weight.mul_(4.0)  # decisive routing: the oracle picks the same expert
+
+    def forward(self, x):
+        h, _, _ = self.moe(torch.tanh(self.inp(x)))
+        return self.out(h)
+
+    def global_name(self, name: str) -> str:
+        prefix, _, leaf = name.removeprefix("module.").rpartition(".")
+        if ".deepspeed_experts." in prefix:
+            return f"experts.{self.first + int(prefix.rpartition('.')[2])}.{leaf}"
+        return f"{self.GLOBAL_NAMES[prefix]}.{leaf}"
+
+
+def fused_sgd(params, lr: float):
+    """SGD typed as DeepSpeed's FusedAdam (no op is built): fp16 ZeRO-0 then builds FP16_Optimizer."""
+    from deepspeed.ops.adam import FusedAdam
+
+    class FusedSGD(FusedAdam):
+        def __init__(self, params, lr):
+            torch.optim.Optimizer.__init__(self, params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+
+    return FusedSGD(params, lr)
 
 
 def pipe_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -123,9 +196,18 @@ def ds_config(case: Case) -> dict[str, Any]:
            "zero_force_ds_cpu_optimizer": False, **case.ds}
     if case.bf16:
         cfg["bf16"] = {"enabled": True}
+    if case.fp16 is not None:
+        cfg["fp16"] = {"enabled": True, **case.fp16}
     if case.zclip is not None:
         cfg["zclip"] = case.zclip
     return cfg
+
+
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator refuses fp16; torch's CPU fp16 arithmetic is all these tests need."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
 
 
 def master_weights(engine) -> dict[str, torch.Tensor]:
@@ -133,28 +215,55 @@ def master_weights(engine) -> dict[str, torch.Tensor]:
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
     opt = engine.optimizer
     named = list(engine.module.named_parameters())
+    rename = getattr(engine.module, "global_name", lambda n: n)
     if isinstance(opt, FP16_UnfusedOptimizer):
         fp32 = {id(lo): hi for los, his in zip(opt.fp16_groups, opt.fp32_groups) for lo, hi in zip(los, his)}
-        return {n: fp32[id(p)].detach().float().clone() for n, p in named}
+        return {rename(n): fp32[id(p)].detach().float().clone() for n, p in named}
+    if isinstance(opt, FP16_Optimizer):
+        from torch._utils import _unflatten_dense_tensors
+
+        fp32 = {id(lo): hi for los, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)
+                for lo, hi in zip(los, _unflatten_dense_tensors(flat, los))}
+        return {rename(n): fp32[id(p)].detach().float().clone() for n, p in named}
     out = {}
     for n, p in named:
         full = safe_get_full_fp32_param(p)
-        out[n] = (full if full is not None else p).detach().float().clone()
+        out[rename(n)] = (full if full is not None else p).detach().float().clone()
     return out
 
 
+def _loss_scale(engine) -> float:
+    opt = engine.optimizer
+    config = getattr(opt, "loss_scale_config", None)
+    return float(config.cur_scale if config is not None else getattr(opt, "loss_scale", 1.0))
+
+
 def run_case(case: Case, rank: int) -> dict[str, Any]:
-    """Build the engine through ``zclip_dist.deepspeed.initialize``, train, return snapshots and state."""
+    """Build the engine through ``zclip_dist.deepspeed.initialize`` (or ``deepspeed.initialize``, see
+    ``Case.entry``), train, return per step the full master weights, the metrics, whether DeepSpeed
+    skipped the step and its loss scale, and the final clipper state."""
     import deepspeed
     import deepspeed.utils.groups
 
     from zclip_dist import deepspeed as zds
 
     deepspeed.utils.groups.mpu = None  # notes §9.2: a previous engine's mpu leaks into the next
+    if case.fp16 is not None:
+        allow_fp16_on_cpu()
     mpu = None
-    if case.kind == "tp":
+    params = None
+    if case.kind == "moe":
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        model = MoEMLP(case.experts, case.ep_size)
+        params = split_params_into_different_moe_groups_for_optimizer(
+            {"params": list(model.parameters()), "name": "dense"})
+        dp_rank = torch.distributed.get_rank()
+    elif case.kind == "tp":
         from megatron.core import parallel_state as ps
 
         if not ps.model_parallel_is_initialized():
@@ -166,26 +275,35 @@ def run_case(case: Case, rank: int) -> dict[str, Any]:
         model = pipe_module(case)
     else:
         model = mlp()
-    engine, *_ = zds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), mpu=mpu,
-                                config=ds_config(case))
+    params = params if params is not None else model.parameters()
+    optimizer = fused_sgd(params, lr=1.0) if case.fused else torch.optim.SGD(params, lr=1.0)
+    config = ds_config(case)
+    if case.attach_after_load:
+        config.pop("zclip")
+    init = deepspeed.initialize if case.entry == "deepspeed" else zds.initialize
+    engine, *_ = init(model=model, optimizer=optimizer, mpu=mpu, config=config)
     if case.kind == "pipe":
         dp_rank = engine.grid.get_data_parallel_rank()
     elif case.kind == "mlp":
         dp_rank = engine.global_rank if case.dp > 1 else 0
-    dtype = torch.bfloat16 if case.bf16 else torch.float32
     start = 0
     if case.resume:
         engine.load_checkpoint(case.ckpt_dir)
         start = case.save_at
-    snaps, decisions = [master_weights(engine)], []
+    if case.attach_after_load:
+        zds.attach(engine, case.zclip)
+    snaps, decisions, skipped, scales = [master_weights(engine)], [], [], []
     for step in range(start, case.steps):
-        micro = [tuple(t.to(dtype) for t in batch(case, step, dp_rank, m)) for m in range(case.gas)]
+        micro = [tuple(t.to(case.dtype) for t in batch(case, step, dp_rank, m)) for m in range(case.gas)]
+        scales.append(_loss_scale(engine))
+        before = engine.skipped_steps
         if case.kind == "pipe":
             engine.train_batch(data_iter=iter(micro))
         else:
             for x, y in micro:
                 engine.backward(F.mse_loss(engine(x), y))
                 engine.step()
+        skipped.append(engine.skipped_steps > before)
         snaps.append(master_weights(engine))
         zc = getattr(engine, "_zclip", None)
         decisions.append(zc.metrics() if zc is not None else None)
@@ -193,12 +311,40 @@ def run_case(case: Case, rank: int) -> dict[str, Any]:
             engine.save_checkpoint(case.ckpt_dir)
     zc = getattr(engine, "_zclip", None)
     out = {"snaps": snaps, "decisions": decisions, "rank": rank, "optimizer": type(engine.optimizer).__name__,
-           "skipped_steps": engine.skipped_steps,
+           "skipped_steps": engine.skipped_steps, "skipped": skipped, "scales": scales,
            "state": zc.state_dict()["state"] if zc is not None else None}
     if case.kind == "tp":
         out["tp_rank"] = mpu.get_model_parallel_rank()
     deepspeed.utils.groups.mpu = None
     return out
+
+
+class Monitor:
+    """Stands in for DeepSpeed's monitor: records what the attachment writes (``engine.monitor = Monitor()``)."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, int]] = []
+
+    def write_events(self, events) -> None:
+        self.events.extend(events)
+
+
+def train_counting_reads(engine, case: Case, rank: int, steps: int) -> int:
+    """Train ``steps`` steps on ``case``'s data (rank ``rank``'s batches); return the host reads of tensor
+    values inside ``engine.step()`` (tests/sync_guard.py: reads of host memory through ``host_value``
+    do not count)."""
+    from tests.sync_guard import count_host_reads
+
+    total = 0
+    for step in range(steps):
+        x, y = batch(case, step, rank, 0)
+        engine.backward(F.mse_loss(engine(x), y))
+        with count_host_reads() as counts:
+            engine.step()
+        total += sum(counts.values())
+    return total
 
 
 # ---- assembling and the oracle ------------------------------------------------------------------------
@@ -224,32 +370,76 @@ def trajectory(case: Case, results: list[dict]) -> list[dict[str, torch.Tensor]]
 
 def true_loss(case: Case, params: dict[str, torch.Tensor], step: int) -> torch.Tensor:
     """The loss whose gradient DeepSpeed applies: mean over DP ranks and micro-batches of the batch MSE."""
-    forward = pipe_forward if case.kind == "pipe" else mlp_forward
-    losses = [F.mse_loss(forward(params, x), y) for d in range(case.dp) for m in range(case.gas)
+    if case.kind == "moe":
+        def forward(p, x):
+            return moe_forward(p, x, case.experts)
+    else:
+        forward = pipe_forward if case.kind == "pipe" else mlp_forward
+    dtype = next(iter(params.values())).dtype
+    losses = [F.mse_loss(forward(params, x.to(dtype)), y.to(dtype)) for d in range(case.dp) for m in range(case.gas)
               for x, y in [batch(case, step, d, m)]]
     return torch.stack(losses).mean()
 
 
-def oracle_updates(case: Case, traj: list[dict[str, torch.Tensor]], zclip_kwargs: dict[str, Any]):
-    """Per step: (expected update, true norm), from the engine's weights at that step and reference ZClip."""
+def oracle_updates(case: Case, traj: list[dict[str, torch.Tensor]], zclip_kwargs: dict[str, Any],
+                   skipped: list[bool] | None = None, dtype: torch.dtype = torch.float32):
+    """Per step: (expected update, true norm), from the engine's weights at that step and reference ZClip.
+    A step DeepSpeed skipped (loss-scale overflow) expects no update and leaves the reference untouched."""
     from zclip import ZClip
 
     ref = ZClip(**zclip_kwargs)
     out = []
     for step in range(case.steps):
-        params = {k: nn.Parameter(v.clone()) for k, v in traj[step].items()}
+        params = {k: nn.Parameter(v.clone().to(dtype)) for k, v in traj[step].items()}
         module = nn.Module()
         for i, (k, p) in enumerate(params.items()):
             module.register_parameter(f"p{i}", p)
         true_loss(case, params, step).backward()
+        if skipped is not None and skipped[step]:
+            norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params.values()))
+            out.append(({k: torch.zeros_like(p) for k, p in params.items()}, norm))
+            continue
         norm = ref.step(module)  # the reference computes the full-model norm and clips in place
         out.append(({k: -p.grad.detach() for k, p in params.items()}, float(norm)))
     return out
 
 
+def same_metrics(a: dict, b: dict) -> bool:
+    """Equal metrics, NaN equal to NaN (z is NaN during warmup)."""
+    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)
+
+
+def check_against_oracle(case: Case, optimizer: str, results: list[dict], tol: float) -> list[tuple]:
+    """Every step's update and pre-clip norm equal the float64 oracle's (a step DeepSpeed skipped: no
+    update, reference untouched); returns per step (true norm, decision) for further checks."""
+    assert {r["optimizer"] for r in results} == {optimizer}, "the configuration did not build the intended path"
+    traj = trajectory(case, results)
+    skipped = results[0]["skipped"]
+    assert all(r["skipped"] == skipped for r in results)
+    expected = oracle_updates(case, traj, reference_kwargs(case), skipped=skipped, dtype=torch.float64)
+    seen = []
+    for step, (update, true_norm) in enumerate(expected):
+        got = {k: traj[step + 1][k] - traj[step][k] for k in traj[step]}
+        decision = results[0]["decisions"][step]
+        if skipped[step]:
+            assert all(float(v.abs().max()) == 0 for v in got.values()), f"{case.name}: skipped step {step} moved"
+        else:
+            assert rel_diff(got, {k: v.float() for k, v in update.items()}) <= tol, \
+                f"{case.name}: step {step} update differs from the oracle"
+            assert abs(decision["grad_norm"] - true_norm) <= tol * true_norm, f"{case.name}: step {step} norm"
+        assert all(same_metrics(r["decisions"][step], decision) for r in results[1:]), "ranks decided differently"
+        seen.append((true_norm, decision))
+    spike = seen[case.spike_step][1]
+    assert spike["spike"] and spike["clipped"], f"{case.name}: the injected spike was not clipped"
+    return seen
+
+
 def reference_kwargs(case: Case) -> dict[str, Any]:
-    kw = dict(case.zclip)
-    kw.setdefault("max_grad_norm", case.gradient_clipping if case.gradient_clipping > 0 else 1.0)
+    """The reference's settings: the entry's, with DeepSpeed's gradient_clipping as the cap (0: none)."""
+    from tests.oracle import REFERENCE_KEYS
+
+    kw = {k: v for k, v in case.zclip.items() if k in REFERENCE_KEYS}
+    kw.setdefault("max_grad_norm", case.gradient_clipping if case.gradient_clipping > 0 else None)
     return kw
 
 
@@ -310,6 +500,7 @@ class AdaGCCase:
     dp: int = 2
     hidden: int = 7  # 67 elements: ZeRO partitions end in padding on the last rank
     bf16: bool = False
+    fp16: dict[str, Any] | None = None  # the "fp16" section, as for Case
     spikes: dict[tuple[int, int, str], float] = field(default_factory=dict)  # (step, rank, name) -> factor
     nan: tuple[int, int, str] | None = None  # (step, rank, name) whose gradient gets a NaN
     ckpt_dir: str | None = None
@@ -404,6 +595,8 @@ def adagc_config(case: AdaGCCase) -> dict[str, Any]:
            "gradient_clipping": case.gradient_clipping, "zero_allow_untested_optimizer": True, **case.ds}
     if case.bf16:
         cfg["bf16"] = {"enabled": True}
+    if case.fp16 is not None:
+        cfg["fp16"] = {"enabled": True, **case.fp16}
     if case.adagc is not None:
         cfg["adagc"] = case.adagc
     return cfg
@@ -419,6 +612,8 @@ def run_adagc_case(case: AdaGCCase, rank: int) -> dict[str, Any]:
     the step was skipped) and gamma. Resumed runs load ``ckpt_dir`` and start at ``save_at``."""
     from zclip_dist import deepspeed as zds
 
+    if case.fp16 is not None:
+        allow_fp16_on_cpu()
     model = mlp(case.hidden)
     optimizer = RecordingSGD(model.parameters(), lr=case.lr)
     engine, *_ = zds.initialize(model=model, optimizer=optimizer, config=adagc_config(case))
@@ -428,7 +623,7 @@ def run_adagc_case(case: AdaGCCase, rank: int) -> dict[str, Any]:
     if case.resume:
         engine.load_checkpoint(case.ckpt_dir, load_module_only=case.module_only)
         start = case.save_at
-    dtype = torch.bfloat16 if case.bf16 else torch.float32
+    dtype = torch.float16 if case.fp16 is not None else torch.bfloat16 if case.bf16 else torch.float32
     applied, gammas = [], []
     for step in range(start, case.steps):
         clock[0] = step

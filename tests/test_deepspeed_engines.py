@@ -61,39 +61,14 @@ def _bug_runs(rank, bugs):
 
 
 # ---- probes that need a live process group (2 ranks) -----------------------------------------------
-SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist")
-
-
 def _count_syncs(case: H.Case, rank: int, steps: int) -> int:
-    """Host reads of tensor values inside ``engine.step()`` (not forward/backward) over ``steps`` steps."""
-    import torch.nn.functional as F
-
+    """Host reads of device tensor values inside ``engine.step()`` (not forward/backward) over ``steps`` steps."""
     from zclip_dist import deepspeed as zds
 
     model = H.mlp()
     engine, *_ = zds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                 config=H.ds_config(case))
-    count = [0]
-    originals = {m: getattr(torch.Tensor, m) for m in SYNC_METHODS}
-
-    def counting(method):
-        def wrapper(self, *a, **k):
-            count[0] += 1
-            return originals[method](self, *a, **k)
-
-        return wrapper
-
-    for step in range(steps):
-        x, y = H.batch(case, step, rank, 0)
-        engine.backward(F.mse_loss(engine(x), y))
-        for m in SYNC_METHODS:
-            setattr(torch.Tensor, m, counting(m))
-        try:
-            engine.step()
-        finally:
-            for m, f in originals.items():
-                setattr(torch.Tensor, m, f)
-    return count[0]
+    return H.train_counting_reads(engine, case, rank, steps)
 
 
 def _sync_counts(rank):

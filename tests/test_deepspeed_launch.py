@@ -58,12 +58,14 @@ def test_launch_module_runs_script_with_patched_initialize(tmp_path, monkeypatch
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent("""
         import sys, deepspeed
-        import zclip_dist.deepspeed as zds
-        RESULT = (list(sys.argv), deepspeed.initialize is zds.initialize, __name__)
+        RESULT = (list(sys.argv), getattr(deepspeed.initialize, "__zclip_dist__", False), __name__)
     """))
-    original = deepspeed.initialize
+
+    def original(*args, **kwargs):  # stands in for DeepSpeed's own initialize
+        return "deepspeed's"
+
     monkeypatch.setattr(deepspeed, "initialize", original)  # restored after the test
-    monkeypatch.setattr(deepspeed, "_zclip_dist_original_initialize", original, raising=False)
+    monkeypatch.delattr(deepspeed, "_zclip_dist_original_initialize", raising=False)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     seen = {}
     real_run_path = launch.runpy.run_path
@@ -71,3 +73,5 @@ def test_launch_module_runs_script_with_patched_initialize(tmp_path, monkeypatch
     launch.main(["--local_rank=1", str(script), "--steps", "3"])
     assert seen["RESULT"] == ([str(script), "--local_rank=1", "--steps", "3"], True, "__main__")
     assert zds._deepspeed_initialize() is original  # ours calls DeepSpeed's, never itself
+    launch.install()
+    assert deepspeed._zclip_dist_original_initialize is original, "installing twice wrapped the wrapper"

@@ -23,7 +23,8 @@ from .graphs import GraphedUpdate, can_graph
 from .metrics import JsonlSink, config_header, metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
 
-__all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "verify_identical", "verify_same_config", "STATE_FORMAT",
+__all__ = ["Clipper", "AdaGCClipper", "ADAGC_METRIC_NAMES", "adagc_to_host", "agree", "host_value", "verify_identical",
+           "verify_same_config", "STATE_FORMAT",
            "STATE_VERSION", "ADAGC_STATE_FORMAT"]
 
 logger = logging.getLogger("zclip_dist")
@@ -176,19 +177,28 @@ class _JsonlLog:
     config: ZClipConfig | AdaGCConfig
     _sink: JsonlSink | None = None
     _logged_calls = 0
+    #: False: a front end picks the steps itself and calls :meth:`write_jsonl` (DeepSpeed: every
+    #: ``log_interval``-th step and every clipped, spike or non-finite step).
+    jsonl_every_interval = True
 
     def metrics(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def _log_step(self) -> None:
-        if self.config.log_jsonl is None:
+        if self.config.log_jsonl is None or not self.jsonl_every_interval:
             return
         self._logged_calls += 1
         if self._logged_calls % self.config.log_interval or (dist.is_initialized() and dist.get_rank() != 0):
             return
+        self.write_jsonl(self._logged_calls, self.metrics())  # the one host transfer
+
+    def write_jsonl(self, call: int, metrics: Mapping[str, Any]) -> None:
+        """Append one record (rank 0 only; nothing without ``log_jsonl``)."""
+        if self.config.log_jsonl is None or (dist.is_initialized() and dist.get_rank() != 0):
+            return
         if self._sink is None:
             self._sink = JsonlSink(self.config.log_jsonl, header=config_header(self.config))
-        self._sink.write({"call": self._logged_calls, **self.metrics()})  # the one host transfer
+        self._sink.write({"call": call, **metrics})
 
 
 class Clipper(_JsonlLog):
@@ -218,10 +228,12 @@ class Clipper(_JsonlLog):
         return decision
 
     # ---- the step ---------------------------------------------------------------------------------
-    def step(self, norm: Tensor | float) -> ZClipDecision:
+    def step(self, norm: Tensor | float, *, overflow: bool = False) -> ZClipDecision:
         """Feed this optimizer step's pre-clip global norm; update the statistics exactly once.
 
         No host synchronisation unless ``nonfinite="raise"`` (which must read the flag on the host).
+        ``overflow``: the engine skipped this step on a loss-scale overflow (fp16 dynamic loss scaling),
+        which is routine: recorded as non-finite, never raised.
         """
         if not isinstance(norm, Tensor):
             device = self.state.mean.device if self.state is not None else None
@@ -242,7 +254,7 @@ class Clipper(_JsonlLog):
         if self.config.verify_every and self._calls % self.config.verify_every == 0:
             verify_identical(self.state, self._calls)
         self._log_step()
-        if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
+        if self.config.nonfinite == "raise" and not overflow and bool(self.last.nonfinite):
             rank = dist.get_rank() if dist.is_initialized() else 0
             raise FloatingPointError(
                 f"zclip: non-finite gradient norm ({float(self.last.norm)}) at step {int(self.state.steps)} "
@@ -300,6 +312,19 @@ class Clipper(_JsonlLog):
         self.state = ZClipState(**loaded)
         self.last = None
         self._graph = None  # the captured graph points at the old state tensors
+
+
+#: AdaGC's metrics, in the order :meth:`AdaGCClipper.metrics_tensor` stacks them.
+ADAGC_METRIC_NAMES = ("grad_norm", "num_clipped_tensors", "min_coef", "warmup", "nonfinite", "skipped")
+
+
+def adagc_to_host(vector: Tensor | Sequence[float]) -> dict[str, Any]:
+    """AdaGC's metrics vector (one host transfer, or values already read) as Python numbers."""
+    out = dict(zip(ADAGC_METRIC_NAMES, vector.tolist() if isinstance(vector, Tensor) else vector))
+    out["num_clipped_tensors"] = int(out["num_clipped_tensors"])
+    for flag in ("warmup", "nonfinite", "skipped"):
+        out[flag] = bool(out[flag])
+    return out
 
 
 class AdaGCClipper(_JsonlLog):
@@ -361,8 +386,9 @@ class AdaGCClipper(_JsonlLog):
         _commit(self.state, new_state)
         return decision
 
-    def step(self, sq_norms: Tensor, global_norm: Tensor) -> AdaGCDecision:
-        """Feed the whole-tensor squared norms (bound order) and the global norm; update gamma once."""
+    def step(self, sq_norms: Tensor, global_norm: Tensor, *, overflow: bool = False) -> AdaGCDecision:
+        """Feed the whole-tensor squared norms (bound order) and the global norm; update gamma once.
+        ``overflow``: as for :meth:`Clipper.step`."""
         if self.check_config:
             verify_same_config(self.config, self.config_group)
             self.check_config = False
@@ -370,20 +396,23 @@ class AdaGCClipper(_JsonlLog):
             self._graph = GraphedUpdate(self._update, [sq_norms, global_norm])
         graphed = self._graph is not None and can_graph(sq_norms.device)
         self.last = self._graph(sq_norms, global_norm) if graphed else self._update(sq_norms, global_norm)
-        if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
+        if self.config.nonfinite == "raise" and not overflow and bool(self.last.nonfinite):
             raise FloatingPointError("adagc: non-finite gradient norm; every rank raises (nonfinite='raise')")
         self._log_step()
         return self.last
 
     def metrics(self) -> dict[str, Any]:
         """Last step as Python numbers (one host transfer): norm, clipped-tensor count, minimum coefficient."""
+        vec = self.metrics_tensor()
+        return {} if vec is None else adagc_to_host(vec)
+
+    def metrics_tensor(self) -> Tensor | None:
+        """The last step's metrics, still on the device (see :data:`ADAGC_METRIC_NAMES`)."""
         if self.last is None:
-            return {}
+            return None
         d = self.last
-        vec = torch.stack([d.norm.double(), d.clipped.sum().double(), d.coefs.min().double(),
-                           d.warmup.double(), d.nonfinite.double(), d.skipped.double()]).tolist()
-        return {"grad_norm": vec[0], "num_clipped_tensors": int(vec[1]), "min_coef": vec[2],
-                "warmup": bool(vec[3]), "nonfinite": bool(vec[4]), "skipped": bool(vec[5])}
+        return torch.stack([d.norm.double(), d.clipped.sum().double(), d.coefs.min().double(),
+                            d.warmup.double(), d.nonfinite.double(), d.skipped.double()])
 
     def state_dict(self) -> dict[str, Any]:
         by_name = self._by_name()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import IO, Any, Mapping
+from typing import IO, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -42,10 +42,10 @@ def metrics_tensors(decision: ZClipDecision, state: ZClipState) -> Tensor:
     return torch.stack([v.to(torch.float64) for v in values])
 
 
-def to_host(vector: Tensor) -> dict[str, Any]:
-    """One device->host copy; flags become bools and counters ints."""
+def to_host(vector: Tensor | Sequence[float]) -> dict[str, Any]:
+    """One device->host copy (or values already read); flags become bools and counters ints."""
     out: dict[str, Any] = {}
-    for name, value in zip(METRIC_NAMES, vector.tolist()):
+    for name, value in zip(METRIC_NAMES, vector.tolist() if isinstance(vector, Tensor) else vector):
         out[name] = bool(value) if name in _FLAGS else int(value) if name in _COUNTS else value
     return out
 

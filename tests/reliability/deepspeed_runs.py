@@ -1,7 +1,8 @@
 """DeepSpeed 0.19.8 engines on 2 gloo ranks, one spawned group (tests/ds_harness.py's model, data and rank
 set-up): cross-rank identity on ZeRO-2 at scale, NaN/Inf faults on ZeRO-0 fp32 (no wrapper), ZeRO-2 fp32
-and ZeRO-2 bf16, the "raise" policy, settings differing between ranks, a refused engine combination, and
-the two checkpoint edge cases (no ZClip state, a newer state format).
+and ZeRO-2 bf16, the "raise" policy, fp16 loss-scale overflows under "raise", settings differing between
+ranks, a refused engine combination, and the checkpoint edge cases (no ZClip state, a newer state format,
+attach() after load_checkpoint).
 
 Faults go in through a gradient hook on one tensor on one rank, i.e. before DeepSpeed's own reduction:
 the realistic place (a bad micro-batch on one rank), and DeepSpeed's reduction then spreads it.
@@ -27,36 +28,27 @@ NONFINITE_PATHS = {"ZeRO-0 fp32 (no wrapper)": ({}, False), "ZeRO-2 fp32": (Z2, 
 STATS = ("count", "buffer", "mean", "var", "streak")
 
 
-class Monitor:
-    """Stands in for DeepSpeed's monitor: records what the attachment writes (rank 0, every step here)."""
-
-    enabled = True
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, float, int]] = []
-
-    def write_events(self, events) -> None:
-        self.events.extend(events)
-
-
-def engine_for(zclip: dict | None, ds: dict, bf16: bool = False, model=None):
+def engine_for(zclip: dict | None, ds: dict, bf16: bool = False, model=None, fp16: dict | None = None):
     import deepspeed.utils.groups
 
     from zclip_dist import deepspeed as zds
 
     deepspeed.utils.groups.mpu = None  # a previous engine's mpu leaks into the next (ds_harness notes)
-    case = H.Case("reliability", {**ds, "steps_per_print": 1}, zclip=zclip, bf16=bf16)
+    case = H.Case("reliability", {**ds, "steps_per_print": 1}, zclip=zclip, bf16=bf16, fp16=fp16)
+    if fp16 is not None:
+        H.allow_fp16_on_cpu()
     model = model or H.mlp()
     engine, *_ = zds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
                                 config=H.ds_config(case))
     return engine
 
 
-def train_step(engine, step: int, rank: int, spikes: dict[int, int] | None = None, bf16: bool = False) -> None:
+def train_step(engine, step: int, rank: int, spikes: dict[int, int] | None = None, bf16: bool = False,
+               dtype: torch.dtype | None = None) -> None:
     x, y = H.adagc_batch(step, rank)
     if spikes and spikes.get(step) == rank:
         x, y = x * H.SPIKE, y * H.SPIKE
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = dtype or (torch.bfloat16 if bf16 else torch.float32)
     engine.backward(F.mse_loss(engine(x.to(dtype)), y.to(dtype)))
     engine.step()
 
@@ -98,7 +90,7 @@ def _fault_hooks(engine, rank: int, faults: dict[int, int], clock: list[int], se
 
 def nonfinite(rank: int, ds: dict, bf16: bool, n_steps: int, faults: dict[int, int], policy: str = "skip") -> dict:
     engine = engine_for({**ZCLIP, "nonfinite": policy}, ds, bf16)
-    monitor = engine.monitor = Monitor()
+    monitor = engine.monitor = H.Monitor()
     clock = [0]
     injected = _fault_hooks(engine, rank, faults, clock, seed=5)
     out = {"actions": [], "poisoned": [], "unchanged": [], "nonfinite_params": 0, "injected": injected,
@@ -128,7 +120,58 @@ def nonfinite(rank: int, ds: dict, bf16: bool, n_steps: int, faults: dict[int, i
     return out
 
 
+def fp16_overflows(rank: int, n_steps: int, spikes: dict[int, int]) -> dict:
+    """fp16 ZeRO-2 at loss scale 4096: a x30 spike overflows fp16, DeepSpeed skips the step and halves the
+    scale. Under nonfinite='raise' nothing may raise; the statistics must not move."""
+    fp16 = {"initial_scale_power": 12, "hysteresis": 1, "loss_scale_window": 1000}
+    engine = engine_for({**ZCLIP, "nonfinite": "raise"}, Z2, fp16=fp16)
+    clipper = engine._zclip.clipper
+    out = {"overflow_steps": [], "norms": [], "untouched": [], "raised": None}
+    for step in range(n_steps):
+        before = [getattr(clipper.state, f).clone() for f in STATS]
+        skipped = engine.skipped_steps
+        try:
+            train_step(engine, step, rank, spikes, dtype=torch.float16)
+        except FloatingPointError as err:
+            out["raised"] = str(err)
+            return out
+        if engine.skipped_steps > skipped:
+            out["overflow_steps"].append(step)
+            out["norms"].append(engine._zclip.metrics()["grad_norm"])
+            out["untouched"].append(all(torch.equal(a, getattr(clipper.state, f)) for a, f in zip(before, STATS)))
+    return out
+
+
 # ---- 3 and 4: checkpoint edge cases, refusals, differing settings --------------------------------
+def attach_after_load(rank: int, root: str) -> dict:
+    """attach() after load_checkpoint: restored on an engine zclip_dist built, refused on one it did not."""
+    import deepspeed
+
+    from zclip_dist import deepspeed as zds
+
+    engine = engine_for(ZCLIP, {})
+    for step in range(8):
+        train_step(engine, step, rank)
+    saved = engine._zclip.state_dict()["state"]
+    engine.save_checkpoint(f"{root}/late")
+    late = engine_for(None, {})
+    late.load_checkpoint(f"{root}/late")
+    state = zds.attach(late, ZCLIP).state_dict()["state"]
+    out = {"restored": all(torch.equal(v, state[k]) for k, v in saved.items())}
+    model = H.mlp()
+    initialize = getattr(deepspeed, "_zclip_dist_original_initialize", deepspeed.initialize)
+    config = {k: v for k, v in H.ds_config(H.Case("plain", {}, zclip=None)).items()}
+    plain, *_ = initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), config=config)
+    plain.load_checkpoint(f"{root}/late")
+    try:
+        zds.attach(plain, ZCLIP)
+        out["refused"] = None
+    except ValueError as err:
+        out["refused"] = str(err)
+    return out
+
+
+
 def checkpoints(rank: int, root: str) -> dict:
     """A checkpoint written without ZClip must warn and start from warmup; a newer ZClip state must fail."""
     from zclip_dist.clipper import STATE_VERSION
@@ -190,7 +233,9 @@ def group(rank: int, world: int, p: dict, root: str) -> dict:
         out[f"nf/{name}"] = nonfinite(rank, ds, bf16, p["n_nf"], p["faults"])
     for name, ds in (("ZeRO-0 fp32", {}), ("ZeRO-2 fp32", Z2)):
         out[f"raise/{name}"] = nonfinite(rank, ds, False, p["n_nf"], p["faults"], policy="raise")
+    out["fp16"] = fp16_overflows(rank, p["n_id"], p["spikes"])
     out["checkpoints"] = checkpoints(rank, root)
+    out["late"] = attach_after_load(rank, root)
     out["refusals"] = refusals(rank)
     return out
 
@@ -234,6 +279,18 @@ def rows_from(results: list[dict], p: dict) -> list[Row]:
                          "message names the cause and the policy": "non-finite gradient norm" in msg
                          and "nonfinite='raise'" in msg},
                         f"FloatingPointError on both ranks at step {first_fault}: \"{msg}\""))
+    per = [r["fp16"] for r in results]
+    n_over = len(per[0]["overflow_steps"])
+    rows.append(row("non-finite", f"DeepSpeed ZeRO-2 fp16 x{WORLD}",
+                    f"{len(p['spikes'])} x{H.SPIKE:g} spikes over {p['n_id']} steps at dynamic fp16 loss scale 4096 "
+                    "(a spike overflows fp16 until the scale has dropped far enough), nonfinite='raise'",
+                    {"nothing raised": all(r["raised"] is None for r in per),
+                     "overflows happened": n_over >= len(p["spikes"]) // 2,
+                     "same steps on every rank": all(r["overflow_steps"] == per[0]["overflow_steps"] for r in per),
+                     "recorded as inf": all(v == math.inf for r in per for v in r["norms"]),
+                     "statistics untouched": all(all(r["untouched"]) for r in per)},
+                    f"{n_over} loss-scale overflows skipped by DeepSpeed on both ranks, recorded as grad_norm = inf, "
+                    "statistics unchanged, no FloatingPointError (an overflow is routine under dynamic loss scaling)"))
     ck = [r["checkpoints"] for r in results]
     rows.append(row("restart", f"DeepSpeed ZeRO-0 x{WORLD}", "load_checkpoint of a checkpoint written without ZClip",
                     {"warned on every rank": all(c["warned"] for c in ck), "fresh warmup": all(c["fresh"] for c in ck)},
@@ -242,6 +299,14 @@ def rows_from(results: list[dict], p: dict) -> list[Row]:
     rows.append(row("restart", f"DeepSpeed ZeRO-0 x{WORLD}", "load_checkpoint of a ZClip state with a newer version",
                     {"refused on every rank": all(c["newer"] for c in ck), "clear message": "newer than this" in msg},
                     f"ValueError: \"{msg}\""))
+    late = [r["late"] for r in results]
+    msg = late[0]["refused"] or ""
+    rows.append(row("restart", f"DeepSpeed ZeRO-0 x{WORLD}", "attach() after engine.load_checkpoint()",
+                    {"restored (engine from zclip_dist's initialize)": all(x["restored"] for x in late),
+                     "refused, not reset (engine it never saw load)": all(x["refused"] for x in late)
+                     and "client_state" in msg},
+                    "the saved ZClip state restored bitwise; on an engine built by DeepSpeed's own initialize: "
+                    f"UnsupportedConfiguration \"{msg}\""))
     ref = [r["refusals"] for r in results]
     msg = ref[0]["autocast"] or ""
     rows.append(row("bad input", f"DeepSpeed x{WORLD}", "torch_autocast fp16 with ZeRO-2",

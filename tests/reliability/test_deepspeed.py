@@ -11,5 +11,5 @@ from .common import assert_rows  # noqa: E402
 @pytest.mark.slow
 def test_deepspeed_reliability():
     rows = deepspeed_runs.run()
-    assert len(rows) == 10
+    assert len(rows) == 12
     assert_rows(rows)

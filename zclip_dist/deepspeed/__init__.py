@@ -1,32 +1,35 @@
 """ZClip and AdaGC for DeepSpeed: put a ``"zclip": {...}`` or an ``"adagc": {...}`` entry in the DeepSpeed
-config, then use one of
+config. With zclip_dist installed (``pip install``), every ``deepspeed.initialize`` honours it, whoever
+calls it: an unchanged script under ``deepspeed`` / ``torchrun`` / ``mpirun`` / plain ``python``, HF
+Trainer, Accelerate (``_zclip_dist_autoload``, switched off by ``ZCLIP_DIST_AUTO=0``). Explicitly:
 
 * ``zclip_dist.deepspeed.initialize(...)``: same signature and return value as ``deepspeed.initialize``;
 * ``zclip_dist.deepspeed.attach(engine)``: for an engine that is already built;
 * ``deepspeed --module zclip_dist.deepspeed.launch train.py ...`` or ``torchrun -m zclip_dist.deepspeed.launch
-  train.py ...``: an unchanged script that calls ``deepspeed.initialize`` (see :mod:`zclip_dist.deepspeed.launch`).
+  train.py ...``: an unchanged script, also with ``ZCLIP_DIST_AUTO=0`` (see :mod:`zclip_dist.deepspeed.launch`).
 
 Without either entry nothing changes; both at once are refused. Keys are those of
 :class:`~zclip_dist.config.ZClipConfig` / :class:`~zclip_dist.config.AdaGCConfig` (``mode``, ``clip_ratio``,
 ``beta``, ``warmup_steps``, ``max_grad_norm``, ``eps``, ``nonfinite``); ``gradient_clipping`` is ZClip's
-cap / AdaGC's lambda_abs when ``max_grad_norm`` is not given. The state travels in
-``engine.save_checkpoint`` / ``engine.load_checkpoint`` (AdaGC's keyed by parameter name, so a different
-DP size can resume); metrics go to the engine's monitor as ``Train/zclip/<name>`` / ``Train/adagc/<name>``.
-``MegatronMPU()`` adapts megatron-core ``parallel_state`` to DeepSpeed's ``mpu``.
+cap / AdaGC's lambda_abs when ``max_grad_norm`` is not given (see :mod:`~zclip_dist.deepspeed.config`). The
+state travels in ``engine.save_checkpoint`` / ``engine.load_checkpoint`` (AdaGC's keyed by parameter name,
+so a different DP size can resume); metrics go to the engine's monitor as ``Train/zclip/<name>`` /
+``Train/adagc/<name>``. ``MegatronMPU()`` adapts megatron-core ``parallel_state`` to DeepSpeed's ``mpu``.
 
 Modules: ``config`` (the entries), ``groups`` (the engine's process groups), ``attachment`` (what both
-methods share: step bracket, checkpoints, metrics, refusals), ``zclip`` and ``adagc`` (each method's
-hooks on every optimizer path), ``zero_layouts`` (ZeRO partition offsets), ``launch`` (the launcher
-module). Only this package touches DeepSpeed's private names; how each path works is in
-``docs/internals/deepspeed.md``.
+methods share: step bracket, checkpoints, metrics, refusals), ``events`` (which steps are written, found
+without a device sync), ``zclip`` and ``adagc`` (each method's hooks on every optimizer path),
+``zero_layouts`` (ZeRO partition offsets), ``launch`` (the launcher module). Only this package touches
+DeepSpeed's private names; how each path works is in ``docs/internals/deepspeed.md``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..config import AdaGCConfig, ZClipConfig
+from ..config import AdaGCConfig, ConfigError, ZClipConfig
 from .adagc import DeepSpeedAdaGC
+from .attachment import record_loads
 from .config import (
     ADAGC_CONFIG_KEY,
     CLIENT_STATE_KEY,
@@ -42,8 +45,8 @@ __all__ = ["initialize", "attach", "resolve_config", "DeepSpeedZClip", "DeepSpee
 
 
 def _deepspeed_initialize() -> Any:
-    """DeepSpeed's own ``initialize``, also once :mod:`zclip_dist.deepspeed.launch` has replaced the public
-    name. Imported here, not at module level: ``zclip_dist.deepspeed.config`` (read by ``zclip-dist
+    """DeepSpeed's own ``initialize``, also once ``_zclip_dist_autoload`` (or the launch module) has replaced
+    the public name. Imported here, not at module level: ``zclip_dist.deepspeed.config`` (read by ``zclip-dist
     replay --ds-config``) must import without DeepSpeed installed."""
     import deepspeed
 
@@ -62,29 +65,57 @@ def initialize(*args: Any, **kwargs: Any) -> tuple:
         if isinstance(kwargs.get(key), Mapping):
             resolve_config(kwargs[key])
     result = _deepspeed_initialize()(*args, **kwargs)
-    attach(result[0])
+    engine = result[0]
+    record_loads(engine)  # a later attach() restores what load_checkpoint brings
+    attach(engine)
     return result
 
 
-def attach(engine: Any, config: ZClipConfig | AdaGCConfig | Mapping[str, Any] | None = None
-           ) -> DeepSpeedZClip | DeepSpeedAdaGC | None:
+def attach(engine: Any, config: ZClipConfig | AdaGCConfig | Mapping[str, Any] | None = None, *,
+           client_state: Mapping[str, Any] | None = None) -> DeepSpeedZClip | DeepSpeedAdaGC | None:
     """Attach ZClip or AdaGC to a built engine; ``None`` (nothing changed) when the config has neither a
     ``"zclip"`` nor an ``"adagc"`` entry.
 
     ``config``: a :class:`ZClipConfig` or :class:`AdaGCConfig`, a mapping of ZClip settings, or ``None``
     to read the engine's DeepSpeed config. The attachment is ``engine._zclip`` for either method;
-    attaching twice returns the first attachment.
+    attaching again returns it (with other settings: an error).
+
+    Any order with ``engine.load_checkpoint``: attached before, the load restores the state. Attached
+    after, the state comes from ``client_state`` (what ``load_checkpoint`` returned) if given, else from
+    the load zclip_dist saw (engines built through ``deepspeed.initialize`` with zclip_dist installed);
+    an engine that loaded a checkpoint zclip_dist did not see is refused rather than started from warmup.
     """
-    existing = getattr(engine, "_zclip", None)
-    if existing is not None:
-        return existing
     if config is None:
         config = resolve_config(engine._config._param_dict)
     elif isinstance(config, Mapping):
         others = {k: v for k, v in engine._config._param_dict.items() if k != ADAGC_CONFIG_KEY}
         config = resolve_config({**others, CONFIG_KEY: dict(config)})
+    existing = getattr(engine, "_zclip", None)
+    if existing is not None:
+        if config is not None and config != existing.config:
+            raise ConfigError(f"zclip_dist: this engine already has {type(existing.config).__name__}"
+                              f"({existing.config}) attached; attach() with other settings ({config}) is refused")
+        return existing
     if config is None:
         return None
+    loaded = _loaded_state(engine, client_state)
     hook = DeepSpeedAdaGC(engine, config) if isinstance(config, AdaGCConfig) else DeepSpeedZClip(engine, config)
     engine._zclip = hook
+    if loaded is not None:
+        hook.restore(*loaded)
     return hook
+
+
+def _loaded_state(engine: Any, client_state: Mapping[str, Any] | None) -> tuple[Any, Any] | None:
+    """``(path, state)`` to restore at attach, ``None`` for a fresh start."""
+    if client_state is not None:
+        return "passed as client_state", client_state.get(CLIENT_STATE_KEY)
+    recorded = getattr(engine, "_zclip_dist_loaded", None)
+    if recorded is not None:
+        return recorded
+    if getattr(engine, "loaded_checkpoint_dp_world_size", None) is not None:
+        raise UnsupportedConfiguration(
+            "zclip_dist: attach() after engine.load_checkpoint() on an engine zclip_dist did not build: the "
+            "checkpoint's ZClip/AdaGC state would be lost (the statistics would restart from warmup). Attach "
+            "before load_checkpoint, or pass what it returned: attach(engine, client_state=client_state)")
+    return None

@@ -9,25 +9,26 @@
   tensors' coefficients, 1/loss-scale folded in: DeepSpeed's fixed clip never applies.
 * ZeRO-3: the same with each parameter's partition (``grad_position`` in its sub-group's flat fp32
   partition), measured next to ``_get_norm_groups``, applied per sub-group.
-* ZeRO-0 (no wrapper, or FP16_UnfusedOptimizer for bf16): whole tensors; the norms come from
+* ZeRO-0 (no wrapper, or FP16_UnfusedOptimizer for bf16/fp16): whole tensors; the norms come from
   :meth:`NormCalculator.per_tensor <zclip_dist.norms.NormCalculator.per_tensor>` (one bucketed
-  all-reduce), the multiply replaces ``clip_fp32_gradients`` / ``unscale_and_clip_grads``.
+  all-reduce), the multiply replaces ``clip_fp32_gradients`` / ``unscale_and_clip_grads``. The
+  FP16_UnfusedOptimizer's gradients carry no loss scale (DeepSpeed 0.19.8 does not scale the loss for it,
+  though its own unscale divides by the scale): none is removed.
 * Refused for now, by name: BF16_Optimizer, FP16_Optimizer (FusedAdam), ZeRO offload, pipelines, MoE.
 * The state (gamma by parameter name) survives a change of DP size.
 
 Host synchronisation: none on the wrapper paths (the coefficients stay on the device); the skip flag on
-the no-wrapper path. Plus one transfer of all metrics on log steps, on rank 0.
+the no-wrapper path. Metrics reach the host without a sync (:mod:`~zclip_dist.deepspeed.events`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..clipper import AdaGCClipper
+from ..clipper import AdaGCClipper, adagc_to_host
 from ..config import AdaGCConfig
 from ..norms import NormCalculator
 from ..topology import Topology
@@ -141,11 +142,11 @@ def _zero3_unscale_and_clip(self: Any, sub_group_id: int, total_norm: Any) -> No
 
 
 def _unfused_adagc_unscale(self: Any, total_norm: Any, apply_scale: bool = True) -> Any:
-    # FP16_UnfusedOptimizer (bf16/fp16 ZeRO-0): the fp32 master gradients are whole tensors.
-    scale = self.loss_scale_config.cur_scale
+    # FP16_UnfusedOptimizer (bf16/fp16 ZeRO-0): the fp32 master gradients are whole tensors, and never
+    # loss-scaled: DeepSpeed 0.19.8's engine.backward scales the loss only for ZeRO optimizers.
     if apply_scale:
-        self.__dict__["_zclip"].clip_unfused(self, scale)
-    return scale
+        self.__dict__["_zclip"].clip_unfused(self)
+    return 1.0
 
 
 class DeepSpeedAdaGC(Attachment):
@@ -201,26 +202,27 @@ class DeepSpeedAdaGC(Attachment):
         swap_class(self.engine.optimizer, self, namespace)
 
     # ---- one optimizer step ----------------------------------------------------------------------
-    def _finish_step(self) -> None:
-        if self.clipper.last is None:
-            self._require_overflow()
-            # DeepSpeed skipped the step before AdaGC measured: count it; gamma never sees it.
-            n = len(self.clipper.names)
-            nan = torch.full((n,), math.nan, device=self.engine.device)
-            self.clipper.step(nan, nan.sum())
-        else:
-            self.engine._global_grad_norm = self.clipper.last.norm
+    def _skipped_by_engine(self, norm: float, overflow: bool) -> None:
+        # DeepSpeed skipped the step before AdaGC measured: count it; gamma never sees it.
+        values = torch.full((len(self.clipper.names),), norm, device=self.engine.device)
+        self.clipper.step(values, torch.full((), norm, device=self.engine.device), overflow=overflow)
 
-    def _clip_whole_tensors(self, params: list[Tensor], grads: list[Tensor], scale: Any = 1.0):
+    @staticmethod
+    def _to_host(values: list[float]) -> dict[str, Any]:
+        return adagc_to_host(values)
+
+    @staticmethod
+    def _is_event(metrics: dict[str, Any]) -> bool:
+        return bool(metrics["num_clipped_tensors"] or metrics["nonfinite"])
+
+    def _clip_whole_tensors(self, params: list[Tensor], grads: list[Tensor], overflow: bool = False):
         """Whole-tensor gradients (ZeRO-0): norms by the NormCalculator (one bucketed all-reduce), one
-        decision, one foreach multiply per (device, dtype) group; ``scale`` is a loss scale to remove."""
+        decision, one foreach multiply per (device, dtype) group."""
         norm, sq = self._norms.per_tensor(params, grads)
-        if not _is_one(scale):
-            norm, sq = norm / scale, sq / (scale * scale)
         plan = self._norms.plan
         self._bind([params[i] for i in plan.order])  # a no-op unless the set of gradients changed
-        decision = self.clipper.step(sq, norm)
-        factors = decision.coefs if _is_one(scale) else decision.coefs / scale
+        decision = self.clipper.step(sq, norm, overflow=overflow)
+        factors = decision.coefs
         start = 0
         for ix in plan.groups:
             group = [grads[i] for i in ix]
@@ -232,17 +234,17 @@ class DeepSpeedAdaGC(Attachment):
     def _clip_fp32_gradients(self) -> None:
         """Replaces ``engine.clip_fp32_gradients`` (fp32 ZeRO-0, no wrapper)."""
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        decision = self._clip_whole_tensors(params, [p.grad for p in params])
+        decision = self._clip_whole_tensors(params, [p.grad for p in params], overflow=self.loss_scaling)
         if self.config.nonfinite == "skip":
             # Skipping a raw optimizer's step is a host decision: the one read on this path, where
             # DeepSpeed itself reads nothing (none under nonfinite="propagate").
             self.engine.optimizer.overflow = bool(decision.skipped)
 
-    def clip_unfused(self, opt: Any, scale: Any) -> None:
+    def clip_unfused(self, opt: Any) -> None:
         """FP16_UnfusedOptimizer: DeepSpeed already skipped non-finite steps before this point."""
         params = [p for group in opt.fp16_groups for p in group]
         grads = [p.grad for group in opt.fp32_groups for p in group]
-        self._clip_whole_tensors(params, grads, scale)
+        self._clip_whole_tensors(params, grads)
 
 
 def _refuse_unsupported_adagc(engine: Any) -> None:

@@ -1,32 +1,44 @@
 """What ZClip and AdaGC do alike inside a DeepSpeed engine: bracket the optimizer step, carry the state
-in ``engine.save_checkpoint`` / ``load_checkpoint``, write metrics to the engine's monitor, and the few
-instance-level patches both use (a one-off subclass of the optimizer wrapper, the clip gate, a skippable
-raw optimizer). Refusals of configurations where clipping would be silently wrong live here too.
+in ``engine.save_checkpoint`` / ``load_checkpoint``, write metrics to the engine's monitor and the JSON-lines
+file, and the few instance-level patches both use (a one-off subclass of the optimizer wrapper, the clip
+gate, a skippable raw optimizer). Refusals of configurations where clipping would be silently wrong live
+here too.
 
 * Checkpoints: ``save_checkpoint`` / ``load_checkpoint`` are wrapped on the instance to carry the clipper
   state in ``client_state`` under :data:`~zclip_dist.deepspeed.config.CLIENT_STATE_KEY` (removed again
-  on load).
-* Metrics: on rank 0, at ``steps_per_print`` cadence, into ``engine.monitor`` as ``Train/zclip/<name>``
-  or ``Train/adagc/<name>``.
+  on load). :func:`record_loads` notes that state on engines zclip_dist built without a clipping entry, so
+  an :func:`~zclip_dist.deepspeed.attach` after ``load_checkpoint`` restores it.
+* Metrics: on rank 0, into ``engine.monitor`` as ``Train/zclip/<name>`` / ``Train/adagc/<name>`` every
+  ``steps_per_print`` steps, and into ``log_jsonl`` every ``log_interval`` steps; a clipped, spike or
+  non-finite step is written to both whatever the cadence (:mod:`~zclip_dist.deepspeed.events`: no device
+  sync to find out).
 * A non-finite norm: the wrappers skip the step (overflow) before the clip; the clipper then records the
-  step as non-finite without touching its statistics. Without a wrapper the raw optimizer gets an
-  ``overflow`` flag, which DeepSpeed's engine reads to count a skipped step, and its ``step`` is skipped.
+  step as non-finite without touching its statistics. Under fp16 dynamic loss scaling that is a routine
+  loss-scale overflow: recorded as ``inf``, never raised by ``nonfinite="raise"``. Without a wrapper the
+  raw optimizer gets an ``overflow`` flag, which DeepSpeed's engine reads to count a skipped step, and its
+  ``step`` is skipped.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import math
 import warnings
+import weakref
 from typing import Any, Mapping
 
 import torch
 
 from ..config import AdaGCConfig
 from .config import CLIENT_STATE_KEY, METRIC_PREFIX, UnsupportedConfiguration
+from .events import StepRecords
 
-__all__ = ["Attachment", "swap_class", "keep_engine_clip_gate_open", "make_skippable", "refuse_unsupported"]
+__all__ = ["Attachment", "swap_class", "keep_engine_clip_gate_open", "make_skippable", "refuse_unsupported",
+           "record_loads"]
+
+_LOADED = "_zclip_dist_loaded"  # engine attribute: (path, our state or None) of its last load_checkpoint
 
 
 def swap_class(optimizer: Any, hook: "Attachment", namespace: dict[str, Any]) -> None:
@@ -38,10 +50,31 @@ def swap_class(optimizer: Any, hook: "Attachment", namespace: dict[str, Any]) ->
     optimizer.__class__ = type(cls.__name__, (cls,), namespace)
 
 
+def record_loads(engine: Any) -> None:
+    """Wrap ``engine.load_checkpoint`` to note the clipping state the checkpoint carries (client_state left
+    as it is), for an attachment made after the load."""
+    load = engine.load_checkpoint
+
+    @functools.wraps(load)
+    def load_checkpoint(*args, **kwargs):
+        path, client_state = load(*args, **kwargs)
+        if path is not None:
+            setattr(engine, _LOADED, (path, (client_state or {}).get(CLIENT_STATE_KEY)))
+        return path, client_state
+
+    engine.load_checkpoint = load_checkpoint
+
+
+def _uses_dynamic_loss_scaling(engine: Any) -> bool:
+    """fp16 with DeepSpeed's dynamic loss scale, or torch_autocast fp16 (a GradScaler): overflows are routine."""
+    return bool((engine.fp16_enabled() and engine.dynamic_loss_scale())
+                or getattr(engine, "torch_autocast_z0_gradscaler", None) is not None)
+
+
 class Attachment:
     """One clipping method attached to one engine: brackets the optimizer step, carries the state in
-    checkpoints and writes metrics. Subclasses install their hooks and say what a step without a decision
-    means (:meth:`_begin_step`, :meth:`_finish_step`)."""
+    checkpoints and writes metrics. Subclasses install their hooks, say what a step without a decision
+    means (:meth:`_skipped_by_engine`) and which metrics make a step an event (:meth:`_is_event`)."""
 
     metric_prefix = METRIC_PREFIX
 
@@ -49,9 +82,16 @@ class Attachment:
         self.engine = engine
         self.config = config
         self.open = False  # inside the engine's optimizer step
+        self.loss_scaling = _uses_dynamic_loss_scaling(engine)
+        self._calls = 0  # optimizer steps seen: the JSONL record's "call"
+        self._records = StepRecords() if engine.global_rank == 0 else None
+        if self._records is not None:
+            ref = weakref.ref(self)
+            atexit.register(lambda: ref() is not None and ref().flush())
 
     def _install_step_and_checkpoints(self) -> None:
         engine = self.engine
+        self.clipper.jsonl_every_interval = False  # written by _record: the cadence plus every event step
         engine._take_model_step = self._wrap_step(engine._take_model_step)
         engine.save_checkpoint = self._wrap_save(engine.save_checkpoint)
         engine.load_checkpoint = self._wrap_load(engine.load_checkpoint)
@@ -66,7 +106,7 @@ class Attachment:
             finally:
                 self.open = False
             self._finish_step()
-            self._log()
+            self._record()
             return result
 
         return step
@@ -76,6 +116,18 @@ class Attachment:
         if self.wrapper:
             self.engine.optimizer._global_grad_norm = None  # never decide on last step's norm
 
+    def _finish_step(self) -> None:
+        if self.clipper.last is None:
+            self._require_overflow()
+            # DeepSpeed skipped the step on a non-finite norm before we saw it: record it (counters only;
+            # the statistics never see a non-finite norm). A loss-scale overflow is inf, and routine.
+            self._skipped_by_engine(math.inf if self.loss_scaling else math.nan, overflow=self.loss_scaling)
+        else:
+            self.engine._global_grad_norm = self.clipper.last.norm  # pre-clip and exact on every path
+
+    def _skipped_by_engine(self, norm: float, overflow: bool) -> None:
+        raise NotImplementedError
+
     def _require_overflow(self) -> None:
         """A step that ended without a decision is only legitimate when DeepSpeed skipped it (overflow)."""
         opt = self.engine.optimizer
@@ -84,17 +136,40 @@ class Attachment:
                                f"optimizer path ({type(opt).__name__}) is not hooked")
 
     # ---- metrics ----------------------------------------------------------------------------------
-    def _log(self) -> None:
+    def _to_host(self, values: list[float]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _is_event(metrics: Mapping[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _record(self) -> None:
+        """Queue this step's metrics (rank 0), then write the steps whose metrics have reached the host."""
+        self._calls += 1
+        if self._records is None:
+            return
         engine = self.engine
-        monitor = getattr(engine, "monitor", None)
-        if monitor is None or not monitor.enabled or engine.global_rank != 0:
-            return
         every = engine.steps_per_print() or 1
-        if engine.global_steps % every:
-            return
-        step = engine.global_samples
-        events = [(self.metric_prefix + name, float(value), step) for name, value in self.clipper.metrics().items()]
-        monitor.write_events(events)
+        self._records.push(self.clipper.metrics_tensor(),
+                           (self._calls, engine.global_samples, engine.global_steps % every == 0))
+        self._write(self._records.landed())
+
+    def flush(self) -> None:
+        """Write every queued step now (waits for the device); checkpoints and exit call it."""
+        if self._records is not None:
+            self._write(self._records.drain())
+
+    def _write(self, landed) -> None:
+        monitor = getattr(self.engine, "monitor", None)
+        to_monitor = monitor is not None and monitor.enabled
+        interval = self.config.log_interval
+        for values, (call, samples, on_print_step) in landed:
+            metrics = self._to_host(values)
+            event = self._is_event(metrics)
+            if to_monitor and (on_print_step or event):
+                monitor.write_events([(self.metric_prefix + k, float(v), samples) for k, v in metrics.items()])
+            if event or call % interval == 0:
+                self.clipper.write_jsonl(call, metrics)
 
     def metrics(self) -> dict[str, Any]:
         """The last step's metrics as Python numbers (one host transfer)."""
@@ -106,6 +181,7 @@ class Attachment:
 
         @functools.wraps(save)
         def save_checkpoint(*args, **kwargs):
+            self.flush()
             bound = signature.bind(*args, **kwargs)
             client_state = dict(bound.arguments.get("client_state") or {})
             client_state[CLIENT_STATE_KEY] = self.clipper.state_dict()
@@ -118,15 +194,21 @@ class Attachment:
         @functools.wraps(load)
         def load_checkpoint(*args, **kwargs):
             path, client_state = load(*args, **kwargs)
-            if client_state and CLIENT_STATE_KEY in client_state:
-                self.clipper.load_state_dict(client_state.pop(CLIENT_STATE_KEY))
-            elif path is not None:  # a checkpoint written without clipping state: say so, start from warmup
-                method = "AdaGC" if isinstance(self.config, AdaGCConfig) else "ZClip"
-                warnings.warn(f"zclip_dist: the checkpoint {path} has no {method} state; the statistics start "
-                              "from warmup", stacklevel=2)
+            if path is not None:
+                self.restore(path, (client_state or {}).pop(CLIENT_STATE_KEY, None))
             return path, client_state
 
         return load_checkpoint
+
+    def restore(self, path: Any, state: Mapping[str, Any] | None) -> None:
+        """Load the state a checkpoint carried; without one, warn and start from warmup."""
+        self.flush()
+        if state is not None:
+            self.clipper.load_state_dict(state)
+            return
+        method = "AdaGC" if isinstance(self.config, AdaGCConfig) else "ZClip"
+        warnings.warn(f"zclip_dist: the checkpoint {path} has no {method} state; the statistics start "
+                      "from warmup", stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         return self.clipper.state_dict()
@@ -170,7 +252,7 @@ def refuse_unsupported(engine: Any, method: str = "zclip") -> None:
     if engine.zenflow or engine.super_offload():
         raise UnsupportedConfiguration(f"{method}: ZenFlow and SuperOffload replace the clipping step; not supported")
     if getattr(engine, "has_moe_layers", False):
-        raise UnsupportedConfiguration(f"{method}: MoE layers are not supported yet (DeepSpeed averages expert norms)")
+        _refuse_unsupported_moe(engine, method)
     if getattr(opt, "fused_adam_legacy", False) or getattr(opt, "fused_lamb_legacy", False):
         raise UnsupportedConfiguration(f"{method}: the legacy fused FP16 step computes its clip before the norm; "
                                        "not supported")
@@ -182,3 +264,25 @@ def refuse_unsupported(engine: Any, method: str = "zclip") -> None:
         if getattr(opt, "dtype", None) == torch.bfloat16 and getattr(opt, "check_grad_overflow", True) is False:
             raise UnsupportedConfiguration(f"{method} needs DeepSpeed's overflow check to skip non-finite steps: set "
                                            "bf16.check_grad_overflow to true")
+
+
+def _refuse_unsupported_moe(engine: Any, method: str) -> None:
+    """DeepSpeed MoE: ZClip where the norm counts every expert once (checked against a single-process
+    oracle): ZeRO-0 (own norm), ZeRO-1/2 without offload (DeepSpeed's norm sums the expert partitions over
+    the whole DP group). Everything else is refused by name."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if method != "zclip":
+        raise UnsupportedConfiguration(f"{method}: DeepSpeed MoE layers are not supported: experts differ between "
+                                       "expert-parallel ranks, and AdaGC keeps one state per tensor; use \"zclip\"")
+    if engine.mpu is not None or getattr(engine, "grid", None) is not None:
+        raise UnsupportedConfiguration(f"{method}: DeepSpeed MoE together with an mpu (tensor parallelism) or a "
+                                       "PipelineEngine is not supported")
+    stage = engine.zero_optimization_stage()
+    wrapper = "clip_grad" in vars(opt)
+    zero12 = isinstance(opt, DeepSpeedZeroOptimizer) and not getattr(opt, "cpu_offload", False)
+    if wrapper and not (isinstance(opt, FP16_UnfusedOptimizer) or zero12):
+        raise UnsupportedConfiguration(f"{method}: DeepSpeed MoE with {type(opt).__name__} (ZeRO stage {stage}) is "
+                                       "not supported: use ZeRO stage 0, 1 or 2 without offload_optimizer")

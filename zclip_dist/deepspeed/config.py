@@ -1,12 +1,23 @@
 """The DeepSpeed config entries: ``"zclip"`` (:class:`~zclip_dist.config.ZClipConfig` keys) or ``"adagc"``
 (:class:`~zclip_dist.config.AdaGCConfig` keys), read from the same JSON/dict DeepSpeed reads.
 
-``gradient_clipping`` is ZClip's cap / AdaGC's lambda_abs unless the entry sets ``max_grad_norm``; both
-entries at once are refused; ``"enabled": false`` turns an entry off (DeepSpeed's own convention).
+* ``gradient_clipping`` is ZClip's cap / AdaGC's lambda_abs unless the entry sets ``max_grad_norm``;
+  ``gradient_clipping: 0`` keeps DeepSpeed's meaning, no fixed clip (no cap); without ``gradient_clipping``
+  the methods' own default (1.0) applies.
+* ``max_grad_norm``: a number, or ``null`` / ``"none"`` for no cap.
+* ``"enabled": false`` turns an entry off (DeepSpeed's own convention); the rest of it is still validated.
+* Both entries at once are refused. DeepSpeed ignores unknown top-level keys, so a key that is almost ours
+  (``"zclp"``, ``"ZClip"``) or our entry inside another section (``zero_optimization.zclip``) would clip
+  nothing: both warn.
+
+Importable without DeepSpeed (``zclip-dist replay --ds-config`` reads it).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import warnings
 from typing import Any, Mapping
 
 from ..config import AdaGCConfig, ConfigError, ZClipConfig
@@ -19,49 +30,82 @@ ADAGC_CONFIG_KEY = "adagc"
 CLIENT_STATE_KEY = "zclip_dist"  # ZClip's or AdaGC's state; each carries its own format tag
 METRIC_PREFIX = "Train/zclip/"
 ADAGC_METRIC_PREFIX = "Train/adagc/"
+_METHODS = {CONFIG_KEY: ZClipConfig, ADAGC_CONFIG_KEY: AdaGCConfig}
 _METHOD_NAMES = {CONFIG_KEY: "ZClip", ADAGC_CONFIG_KEY: "AdaGC"}
+_NO_CAP = ("none", "null")
 
 
 class UnsupportedConfiguration(ValueError):
     """ZClip cannot be applied correctly to this DeepSpeed configuration; the message says why."""
 
 
-def _entry(param_dict: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
-    """The enabled ``key`` entry of a DeepSpeed config dict, or ``None`` (absent or ``"enabled": false``)."""
+def _warn_near_misses(param_dict: Mapping[str, Any]) -> None:
+    """Keys DeepSpeed would silently ignore although they were meant for us."""
+    for key, value in param_dict.items():
+        if not isinstance(key, str) or key in _METHODS:
+            continue
+        close = difflib.get_close_matches(key.lower(), _METHODS, n=1, cutoff=0.8)
+        if close:
+            warnings.warn(f"zclip_dist: the DeepSpeed config key {key!r} is not {close[0]!r}: DeepSpeed ignores it, so "
+                          f"it clips nothing; rename it to {close[0]!r}", stacklevel=3)
+        if isinstance(value, Mapping):
+            for inner in value:
+                if isinstance(inner, str) and difflib.get_close_matches(inner.lower(), _METHODS, n=1, cutoff=0.8):
+                    warnings.warn(f"zclip_dist: {key}.{inner} is not read: the clipping entry belongs at the top level "
+                                  "of the DeepSpeed config", stacklevel=3)
+
+
+def _entry(param_dict: Mapping[str, Any], key: str) -> tuple[dict[str, Any], bool] | None:
+    """The ``key`` entry (without ``"enabled"``) and whether it is enabled; ``None`` when absent."""
     entry = param_dict.get(key)
     if entry is None:
         return None
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{key} = {entry!r} is invalid: allowed an object of {_METHOD_NAMES[key]} settings")
-    enabled = entry.get("enabled", True)
+    entry = dict(entry)
+    enabled = entry.pop("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{key}.enabled = {enabled!r} is invalid: allowed true or false")
-    return entry if enabled else None
+    if "max_grad_norm" in entry:
+        entry["max_grad_norm"] = _max_grad_norm(key, entry["max_grad_norm"])
+    return entry, enabled
 
 
-def _engine_clip(param_dict: Mapping[str, Any]) -> dict[str, float]:
-    """``gradient_clipping`` as the ``max_grad_norm`` default when it is a positive number."""
-    engine_clip = param_dict.get("gradient_clipping", 0.0)
-    if isinstance(engine_clip, (int, float)) and not isinstance(engine_clip, bool) and engine_clip > 0:
-        return {"max_grad_norm": float(engine_clip)}
-    return {}
+def _max_grad_norm(key: str, value: Any) -> float | None:
+    """``null`` or ``"none"`` (any case): no cap. Anything but a positive finite number or those is refused
+    here, so the message names every accepted spelling."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _NO_CAP):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return value
+    raise ConfigError(f"{key}.max_grad_norm = {value!r} is invalid: allowed a number in (0, inf), or null / "
+                      "\"none\" (no cap)")
+
+
+def _engine_clip(param_dict: Mapping[str, Any]) -> dict[str, float | None]:
+    """``gradient_clipping`` as the ``max_grad_norm`` default: a positive number is the cap, 0 is
+    DeepSpeed's "no fixed clip" and so no cap; absent (or a placeholder such as HF's "auto" that its
+    caller did not fill in) leaves the method's default."""
+    clip = param_dict.get("gradient_clipping")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+        return {}
+    return {"max_grad_norm": float(clip) if clip > 0 else None}
 
 
 def resolve_config(param_dict: Mapping[str, Any]) -> ZClipConfig | AdaGCConfig | None:
     """The clipping entry of a DeepSpeed config dict: a :class:`ZClipConfig` for ``"zclip"``, an
-    :class:`AdaGCConfig` for ``"adagc"``, or ``None`` if neither is present (or enabled).
+    :class:`AdaGCConfig` for ``"adagc"``, or ``None`` if neither is present and enabled.
 
-    ``gradient_clipping`` (when > 0) is ``max_grad_norm`` unless the entry sets it: ZClip's cap, AdaGC's
-    lambda_abs (the warmup's global clip); with no engine clip the methods' default (1.0) applies.
-    ``"enabled": false`` turns an entry off. Both entries enabled at once is an error.
+    Every entry present is validated, a disabled one too; invalid values raise
+    :class:`~zclip_dist.config.ConfigError` naming the key. See the module docstring for the rules.
     """
-    zclip, adagc = _entry(param_dict, CONFIG_KEY), _entry(param_dict, ADAGC_CONFIG_KEY)
-    if zclip is not None and adagc is not None:
+    _warn_near_misses(param_dict)
+    found = {key: _entry(param_dict, key) for key in _METHODS}
+    configs = {key: _METHODS[key].from_dict(entry, source=key, **_engine_clip(param_dict))
+               for key, (entry, _) in ((k, v) for k, v in found.items() if v is not None)}
+    enabled = [key for key, v in found.items() if v is not None and v[1]]
+    if len(enabled) > 1:
         raise ConfigError(f"the DeepSpeed config has both a {CONFIG_KEY!r} and an {ADAGC_CONFIG_KEY!r} entry: "
                           "they are two clipping methods for the same gradients; keep one (or set "
                           '"enabled": false in the other)')
-    if adagc is not None:
-        return AdaGCConfig.from_dict(adagc, source=ADAGC_CONFIG_KEY, **_engine_clip(param_dict))
-    if zclip is not None:
-        return ZClipConfig.from_dict(zclip, source=CONFIG_KEY, **_engine_clip(param_dict))
-    return None
+    return configs[enabled[0]] if enabled else None

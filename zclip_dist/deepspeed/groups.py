@@ -1,7 +1,8 @@
 """Process groups of a DeepSpeed engine: where every gradient element is counted once.
 
 DeepSpeed's own norm is used where it is exact; these topologies serve the paths where zclip_dist computes
-the norm itself (no optimizer wrapper, FP16_UnfusedOptimizer under TP) and AdaGC's per-tensor norms.
+the norm itself (no optimizer wrapper, FP16_UnfusedOptimizer under TP or with MoE experts) and AdaGC's
+per-tensor norms.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..topology import Topology
+from ..topology import Topology, is_expert
 
-__all__ = ["MegatronMPU", "engine_topology", "sharded_topology"]
+__all__ = ["MegatronMPU", "engine_topology", "sharded_topology", "moe_topology"]
 
 
 class MegatronMPU:
@@ -54,13 +55,35 @@ def _group_if_split(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None
     return group if group is not None and dist.get_world_size(group) > 1 else None
 
 
+def moe_topology() -> Topology:
+    """DeepSpeed MoE without an mpu or a pipeline. A dense parameter is replicated on every rank: it counts
+    on rank 0. An expert (``allreduce=False``) lives on one expert-parallel rank and is replicated over
+    its expert-data-parallel group (``group_name``): it counts on that group's rank 0. SUM over WORLD."""
+    from deepspeed.utils import groups
+
+    first: dict[str, bool] = {}
+
+    def counts(p) -> bool:
+        if not is_expert(p):
+            return dist.get_rank() == 0
+        name = p.group_name
+        if name not in first:
+            first[name] = dist.get_rank(group=groups._get_expert_data_parallel_group(name)) == 0
+        return first[name]
+
+    return Topology(group=dist.group.WORLD, counts=counts, description="deepspeed_moe")
+
+
 def engine_topology(engine: Any) -> Topology:
-    """Where every gradient element of ``engine``'s module is counted once (no-wrapper and TP paths).
+    """Where every gradient element of ``engine``'s module is counted once (no-wrapper, TP and MoE paths).
 
     Pipeline engines: the grid's slice (tensor) group, pipe group and data group. An ``mpu``: its tensor
     group (``get_tensor_model_parallel_group`` if it has one, else ``get_model_parallel_group``) and its
-    data group. Otherwise data parallel over WORLD. The one SUM runs over WORLD, which contains them all.
+    data group. MoE: :func:`moe_topology`. Otherwise data parallel over WORLD. The one SUM runs over
+    WORLD, which contains them all.
     """
+    if getattr(engine, "has_moe_layers", False):
+        return moe_topology()  # with an mpu or a pipeline: refused at attach
     grid = getattr(engine, "grid", None)
     if grid is not None:
         return Topology.from_groups(tp_group=_group_if_split(grid.get_slice_parallel_group()),

@@ -5,6 +5,8 @@ method named by the config's ``"zclip"`` or ``"adagc"`` entry.
     torchrun --nproc_per_node N -m zclip_dist.deepspeed.launch train.py [script args]
     python -m zclip_dist.deepspeed.launch [-m package.module | train.py] [script args]   (mpirun, srun)
 
+With zclip_dist installed this already happens without the module (``_zclip_dist_autoload``); the module
+makes it explicit, and works with ``ZCLIP_DIST_AUTO=0`` or a zclip_dist that is only on ``PYTHONPATH``.
 The script runs as ``__main__`` with ``sys.argv`` as if started directly. DeepSpeed's launcher puts
 ``--local_rank=N`` before the script name; it is moved behind it, where the script would have seen it.
 Configs with neither entry train exactly as before.
@@ -18,17 +20,15 @@ import sys
 
 import deepspeed
 
-from . import initialize as _initialize_with_clipping
+import _zclip_dist_autoload
 
 __all__ = ["install", "main"]
 
 
 def install() -> None:
-    """Make ``deepspeed.initialize`` attach ZClip / AdaGC (idempotent). Scripts that did
-    ``from deepspeed import initialize`` before this call keep the original."""
-    if deepspeed.initialize is not _initialize_with_clipping:
-        deepspeed._zclip_dist_original_initialize = deepspeed.initialize
-        deepspeed.initialize = _initialize_with_clipping
+    """Make ``deepspeed.initialize`` attach ZClip / AdaGC (idempotent, whatever ``ZCLIP_DIST_AUTO`` says).
+    Scripts that did ``from deepspeed import initialize`` before this call keep the original."""
+    _zclip_dist_autoload.patch(deepspeed)
 
 
 def main(argv: list[str] | None = None) -> None:
