@@ -1,4 +1,5 @@
-"""Megatron checkpoints, the non-finite skip and metrics logging, on 4 gloo ranks in one spawned group.
+"""Megatron checkpoints, the non-finite skip and metrics logging, on 4 gloo ranks in one spawned group, on
+megatron-core 0.16.1 and 0.19.2 (tests/megatron_versions.py).
 
 * Resume: a run saved at step 14 and resumed into a freshly built model and optimizer makes the same
   ZClip decisions (and ends with the same parameters) as the uninterrupted run; torch_dist format
@@ -16,10 +17,8 @@ import warnings
 
 import pytest
 
-pytest.importorskip("megatron.core")
-
-from tests.distributed import run_ranks  # noqa: E402
-from tests.megatron_fixtures import Layout, load_checkpoint, save_checkpoint  # noqa: E402
+from tests.megatron_fixtures import Layout, load_checkpoint, save_checkpoint
+from tests.megatron_versions import CORES, run_ranks_on
 
 STEPS, SAVE_AFTER = 30, 14
 CONFIG = dict(alpha=0.9, z_thresh=2.0, warmup_steps=8, max_grad_norm=None)
@@ -130,12 +129,12 @@ def _worker(rank: int, world: int, path: str) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("megatron_ckpt")
+@pytest.fixture(scope="module", params=CORES)
+def results(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"megatron_ckpt_{request.param}")
     for fmt, _ in RESUME:
         (path / fmt).mkdir()
-    return run_ranks(_worker, 4, str(path))
+    return run_ranks_on(request.param, _worker, 4, str(path))
 
 
 @pytest.mark.parametrize("fmt", [fmt for fmt, _ in RESUME])

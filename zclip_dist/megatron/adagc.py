@@ -259,7 +259,8 @@ def _refuse_unsupported(optimizer: Any, subs: list[Any]) -> None:
         if _is_expert(sub):
             raise UnsupportedConfiguration("adagc: expert (MoE) parameters are not supported yet: their per-tensor "
                                            "norms need the expert TP x DP group and names per expert rank")
-        if any(getattr(p, "grad_norm_group", None) is not None for p in sub.get_parameters()):
+        params = sub.get_parameters() if hasattr(sub, "get_parameters") else []
+        if any(getattr(p, "grad_norm_group", None) is not None for p in params):
             raise UnsupportedConfiguration("adagc: parameters with a separate gradient-norm group (megatron-core "
                                            "0.19 multi-token-prediction heads with mtp_detach_heads) are not "
                                            "supported yet")
