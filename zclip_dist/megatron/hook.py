@@ -16,7 +16,6 @@ Megatron computes and applies its norm is in ``docs/internals/megatron.md``.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any, Iterable
 
