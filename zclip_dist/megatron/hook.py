@@ -169,8 +169,8 @@ def prepare(optimizer: Any, config: Any, method: str, overrides: type) -> None:
                          "clipping methods for the same gradients: attach one")
     missing = [name for name in _REQUIRED if not hasattr(optimizer, name)]
     if missing:
-        raise TypeError(f"zclip_dist: {type(optimizer).__name__} lacks {', '.join(missing)}; expected what "
-                        "megatron-core's get_megatron_optimizer returns")
+        raise TypeError(f"zclip_dist: {type(optimizer).__name__} lacks {', '.join(missing)}; expected a megatron-core "
+                        "optimizer (what get_megatron_optimizer returns)")
     check_core_version()
     fix_expert_tp_norm(optimizer)
     cls = type(optimizer)
