@@ -8,6 +8,9 @@ megatron-core 0.16.1 and 0.19.2 (tests/megatron_versions.py).
 * Non-finite: a NaN in one rank's gradient makes every rank return ``update_successful=False``,
   leaves the parameters and the statistics untouched, and training continues.
 * Metrics: ``log_metrics`` writes the metrics with one host transfer where a writer exists, none elsewhere.
+* ``--clip-grad 0`` (no fixed clip): the release's step still reaches ZClip's clip, a spike is clipped,
+  and the optimizer's ``clip_grad`` reads 0 again after the step; ``get_grad_norm()`` outside a step is
+  Megatron's own.
 """
 
 from __future__ import annotations
@@ -93,6 +96,25 @@ def _nonfinite(rank: int) -> dict:
             "num_nonfinite": metrics["num_nonfinite"], "next_ok": next_ok}
 
 
+def _no_fixed_clip(rank: int) -> dict:
+    from tests.megatron_fixtures import AnalyticGrads, build
+    from zclip_dist import megatron as zmeg
+    from zclip_dist.config import ZClipConfig
+
+    ddp, opt = build(Layout("dp4"), seed=5, clip_grad=0.0)
+    grads = AnalyticGrads(ddp, Layout("dp4"))
+    grads.write(0, 1.0)
+    zmeg.wrap_optimizer(opt, ZClipConfig(**CONFIG))
+    before = opt.get_grad_norm()  # no step has run yet: Megatron's own read, ZClip untouched
+    out = {"read_before_step": math.isfinite(before) and int(opt.zclip.state.steps) == 0}
+    records = _train(opt, grads, range(20))  # spike (x5) at step 18
+    out["spike"] = records[18][2:4]  # (coef, spike)
+    out["post_clip"] = opt.get_grad_norm() / records[-1][1]  # last step: the clipped gradient over its norm
+    out["coef_last"] = records[-1][2]
+    out["clip_grad_after"] = [sub.config.clip_grad for sub in opt.chained_optimizers]
+    return out
+
+
 class _Writer:
     def __init__(self) -> None:
         self.scalars: dict[str, tuple[float, int]] = {}
@@ -126,6 +148,7 @@ def _worker(rank: int, world: int, path: str) -> dict:
     out = {fmt: _resume(fmt, layout, f"{path}/{fmt}") for fmt, layout in RESUME}
     out["nonfinite"] = _nonfinite(rank)
     out["metrics"] = _metrics(rank)
+    out["no_fixed_clip"] = _no_fixed_clip(rank)
     return out
 
 
@@ -167,3 +190,13 @@ def test_metrics_reach_the_writer_with_one_host_transfer(results):
                 assert m["scalars"][f"wandb:zclip/{name}"] == (float(m["metrics"][name]), 12)
         else:
             assert m["syncs"] == 0 and m["written"] == {}
+
+
+def test_clip_grad_zero_still_reaches_the_zclip_clip(results):
+    for r in results:
+        got = r["no_fixed_clip"]
+        assert got["read_before_step"]
+        coef, spike = got["spike"]
+        assert spike and coef < 0.5  # clipped, although Megatron itself would not clip at all
+        assert got["post_clip"] == pytest.approx(got["coef_last"], rel=1e-5)
+        assert got["clip_grad_after"] == [0.0] * len(got["clip_grad_after"])

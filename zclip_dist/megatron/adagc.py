@@ -282,8 +282,7 @@ class _AdaGCOverrides:
     _adagc_tensors: _PerTensor
     _zclip_config: AdaGCConfig
     _zclip_base: type
-
-    _adagc_pending: tuple[list[Tensor], Tensor] | None = None
+    _adagc_pending: tuple[list[Tensor], Tensor] | None  # this step's (gradients, coefficients) until clipped
 
     def _zclip_decide(self, norm: float, finite: bool) -> None:
         """Every whole tensor's norm (one all-reduce over the stage) and Megatron's global norm: gamma and
@@ -347,6 +346,7 @@ def attach(optimizer: Any, config: AdaGCConfig, model: Any = None) -> Any:
         logger.warning("adagc: no model given to wrap_optimizer: gamma is keyed by position (param.<k>); "
                        "pass model=<model chunks> to key it by parameter name")
     optimizer._adagc_tensors = tensors
+    optimizer._adagc_pending = None
     # "raise" is enforced in intercept on the host float; the clipper itself would read its flag every step.
     inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
     optimizer.adagc = AdaGCClipper(inner)

@@ -181,6 +181,7 @@ def prepare(optimizer: Any, config: Any, method: str, overrides: type) -> None:
                                {**methods, "__module__": overrides.__module__, "_zclip_method": method,
                                 "_zclip_base": cls})
     optimizer._zclip_config = config
+    optimizer._zclip_step = None  # set only while step() runs (intercept)
     optimizer._zclip_device = _device_of(optimizer)
     optimizer._zclip_group = _norm_group(optimizer)
 

@@ -183,7 +183,7 @@ class StepHooks:
     """
 
     _zclip_base: type
-    _zclip_step: _Step | None = None
+    _zclip_step: _Step | None
     _zclip_group: dist.ProcessGroup | None
 
     @torch.no_grad()

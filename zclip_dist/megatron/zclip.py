@@ -40,7 +40,7 @@ class _Overrides:
     zclip: Clipper
     _zclip_config: ZClipConfig
     _zclip_base: type
-    _zclip_max_norm: float = math.inf
+    _zclip_max_norm: float  # this step's threshold for Megatron's clip (+inf: no clip)
 
     def _zclip_decide(self, norm: float, finite: bool) -> None:
         """This step's norm, identical on every rank: update the statistics (exactly once per step)."""
@@ -79,4 +79,5 @@ def attach(optimizer: Any, config: ZClipConfig) -> Any:
     inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
     # The norm arrives as a host float: the statistics live on the CPU, where reading them costs nothing.
     optimizer.zclip = Clipper(inner, device="cpu")
+    optimizer._zclip_max_norm = math.inf
     return register(optimizer)
