@@ -65,6 +65,15 @@ class _Inert:
         return False
 
 
+class _Device:
+    """What Megatron-LM reads of the device properties (it branches on the architecture: Hopper here)."""
+
+    name, major, minor, total_memory, multi_processor_count = "cpu (megatron_cpu_shim)", 9, 0, 2**34, 1
+
+
+_DEVICE = _Device()
+
+
 def _patch_factories() -> None:
     for name in _FACTORIES:
         setattr(torch, name, _factory(getattr(torch, name)))
@@ -97,7 +106,9 @@ def _patch_runtime() -> None:
     cuda.nvtx.range_pop = noop()
     cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
     cuda.memory_stats = lambda *a, **k: {}
-    cuda.get_device_properties = lambda *a, **k: _Inert()
+    cuda.get_device_properties = lambda *a, **k: _DEVICE
+    cuda.get_device_capability = lambda *a, **k: (_DEVICE.major, _DEVICE.minor)
+    cuda.get_device_name = lambda *a, **k: _DEVICE.name
 
 
 def _patch_rng() -> None:

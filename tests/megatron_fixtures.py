@@ -34,6 +34,8 @@ class Layout:
     tied: bool = False
     bf16: bool = False
     bias: bool = False  # biases: replicated row-parallel expert biases expose PR #5916
+    mtp: bool = False  # megatron-core >= 0.19: one multi-token-prediction layer with its own norm and clip
+    bare: bool = False  # attach to the one sub-optimizer itself (what the Megatron-FSDP path returns)
 
 
 def build(layout: Layout, *, seed: int = 1234, clip_grad: float = 1.0, lr: float = 1e-3):
@@ -54,10 +56,12 @@ def build(layout: Layout, *, seed: int = 1234, clip_grad: float = 1.0, lr: float
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     dtype = torch.bfloat16 if layout.bf16 else torch.float32
-    moe = {}
+    extra_cfg: dict = {}
     if layout.experts:
-        moe = dict(num_moe_experts=layout.experts, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
-                   moe_aux_loss_coeff=0.0)
+        extra_cfg = dict(num_moe_experts=layout.experts, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                         moe_aux_loss_coeff=0.0)
+    if layout.mtp:  # detached heads: megatron-core tags the MTP parameters grad_norm_group="mtp"
+        extra_cfg.update(mtp_num_layers=1, mtp_detach_heads=True)
     cfg = TransformerConfig(
         num_layers=2 * layout.pp, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=2 * HIDDEN,
         use_cpu_initialization=True, pipeline_dtype=dtype, params_dtype=dtype, bf16=layout.bf16,
@@ -65,11 +69,16 @@ def build(layout: Layout, *, seed: int = 1234, clip_grad: float = 1.0, lr: float
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp if layout.etp is not None else layout.tp,
         hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=layout.bias, gradient_accumulation_fusion=False,
-        **moe)
-    model = GPTModel(cfg, get_gpt_layer_local_spec(num_experts=layout.experts or None), vocab_size=VOCAB,
-                     max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(),
-                     post_process=ps.is_pipeline_last_stage(),
-                     share_embeddings_and_output_weights=layout.tied)
+        **extra_cfg)
+    spec = get_gpt_layer_local_spec(num_experts=layout.experts or None)
+    extra = {}
+    if layout.mtp:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        extra["mtp_block_spec"] = get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=False)
+    model = GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=layout.tied,
+                     **extra)
     ddp = DistributedDataParallel(
         cfg, DistributedDataParallelConfig(use_distributed_optimizer=layout.dist_opt, grad_reduce_in_fp32=True),
         model)
@@ -125,8 +134,13 @@ class AnalyticGrads:
                 shape[dim] *= size
             self.entries.append((p, _global_name(name, p, layout), tuple(shape), size, rank, dim))
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {g: s for _, g, s, *_ in self.entries}
+    def shapes(self, group: str | None = None) -> dict[str, tuple[int, ...]]:
+        """Full shapes of the parameters in gradient-norm ``group`` (None: the main norm's)."""
+        return {g: s for p, g, s, *_ in self.entries if getattr(p, "grad_norm_group", None) == group}
+
+    def group_grads(self, group: str) -> list:
+        """This rank's ``main_grad`` of the parameters in ``group`` (e.g. megatron-core 0.19's ``"mtp"``)."""
+        return [p.main_grad for p, *_ in self.entries if getattr(p, "grad_norm_group", None) == group]
 
     def write(self, step: int, scale: float = 1.0) -> None:
         for p, gname, shape, size, rank, dim in self.entries:

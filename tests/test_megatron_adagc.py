@@ -1,4 +1,5 @@
-"""AdaGC through ``zclip_dist.megatron.wrap_optimizer`` on real megatron-core models and optimizers, 4 gloo ranks.
+"""AdaGC through ``zclip_dist.megatron.wrap_optimizer`` on real megatron-core models and optimizers, 4 gloo ranks,
+on megatron-core 0.16.1 (every layout) and 0.19.2 (TP2xDP2 FP32 and DistributedOptimizer; tests/megatron_versions.py).
 
 Layouts: TP2xDP2 with the FP32 optimizer (DP replicas), TP2xDP2 with the DistributedOptimizer (fp32 DP
 shards of TP shards), TP2xPP2 with tied embeddings and the DistributedOptimizer (fp32 and bf16), TP2xDP2
@@ -30,11 +31,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
-
-from tests.adagc_reference import AdaGCReference  # noqa: E402
-from tests.distributed import run_ranks  # noqa: E402
-from tests.megatron_fixtures import Layout, full_gradient, merged_shapes  # noqa: E402
+from tests.adagc_reference import AdaGCReference
+from tests.megatron_fixtures import Layout, full_gradient, merged_shapes
+from tests.megatron_versions import CORES, run_ranks_on
 
 STEPS, SAVE_AT = 210, 160
 LAMBDA_ABS = 60.0  # the warmup's global clip: bites on the larger warmup steps (norms ~45-75)
@@ -61,6 +60,8 @@ LAYOUTS = [
     (Layout("tp2dp2_bf16", tp=2, bf16=True), None),
     (Layout("tp2pp2_tied_bf16_distopt", tp=2, pp=2, tied=True, bf16=True, dist_opt=True), None),
 ]
+#: The layouts run on megatron-core 0.19.2 as well (the hook is the same; the release's step() differs).
+LAYOUTS_019 = ("tp2dp2", "tp2dp2_distopt")
 #: Megatron's own norm reduction does not span the world (non-distributed optimizer, DP > 1): one scalar agreement.
 AGREEING = {"tp2dp2", "tp2dp2_bf16"}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -212,6 +213,11 @@ def _run_layout(rank: int, layout: Layout, fmt: str, path: str) -> dict:
         return out
 
     ddp, opt, grads, wrap = _wrapped(layout, seed=2)  # other weights; gamma empty until loaded
+    # One stock step, as before the uninterrupted run: megatron-core 0.19 probes once, at its first step,
+    # whether any rank has a separately clipped parameter group (a collective of its own). The load
+    # below replaces what this step changed.
+    _write(grads.entries, 0)
+    opt.step()
     wrap()
     load_checkpoint(fmt, path, ddp, opt)
     resumed = {"steps": []}
@@ -239,21 +245,42 @@ def _metrics(rank: int, opt) -> dict:
             "metrics": opt.adagc.metrics()}
 
 
-def _worker(rank: int, world: int, path: str) -> list[dict]:
+def layouts_of(core: str) -> list[tuple[Layout, str | None]]:
+    return [(lay, fmt) for lay, fmt in LAYOUTS if core == "core0.16" or lay.name in LAYOUTS_019]
+
+
+def _cases(resumable: bool = False) -> list:
+    return [pytest.param(core, lay.name, id=f"{core}-{lay.name}") for core in CORES
+            for lay, fmt in layouts_of(core) if fmt is not None or not resumable]
+
+
+def _worker(rank: int, world: int, path: str, core: str) -> list[dict]:
     warnings.filterwarnings("ignore")
     from tests import megatron_cpu_shim
 
     megatron_cpu_shim.apply()
-    return [_run_layout(rank, layout, fmt, f"{path}/{layout.name}") for layout, fmt in LAYOUTS]
+    return [_run_layout(rank, layout, fmt, f"{path}/{layout.name}") for layout, fmt in layouts_of(core)]
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("megatron_adagc")
-    for layout, _ in LAYOUTS:
-        (path / layout.name).mkdir()
-    per_rank = run_ranks(_worker, 4, str(path))
-    return {layout.name: [r[i] for r in per_rank] for i, (layout, _) in enumerate(LAYOUTS)}
+def runs(tmp_path_factory):
+    """``runs(core)``: ``{layout name: per-rank results}``, computed once per core."""
+    cache: dict = {}
+
+    def get(core: str) -> dict:
+        if core not in cache:
+            path = tmp_path_factory.mktemp(f"megatron_adagc_{core}")
+            for layout, _ in layouts_of(core):
+                (path / layout.name).mkdir()
+            try:
+                per_rank = run_ranks_on(core, _worker, 4, str(path), core)
+                cache[core] = {layout.name: [r[i] for r in per_rank] for i, (layout, _) in enumerate(layouts_of(core))}
+            except BaseException as err:  # noqa: BLE001 - a failed or skipped run: the same for every test
+                cache[core] = err
+        if isinstance(cache[core], BaseException):
+            raise cache[core]
+        return cache[core]
+    return get
 
 
 # ---- in the parent: the single-process reference --------------------------------------------------
@@ -281,20 +308,27 @@ def _expected_piece(full: torch.Tensor, piece: tuple) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def references(results):
-    return {name: _reference_run(merged_shapes([r["shapes"] for r in per_rank])) for name, per_rank in results.items()}
+def references(runs):
+    """``references(core, name)``: the single-process reference for that run's shapes, computed once."""
+    cache: dict = {}
+
+    def get(core: str, name: str) -> list:
+        if (core, name) not in cache:
+            cache[core, name] = _reference_run(merged_shapes([r["shapes"] for r in runs(core)[name]]))
+        return cache[core, name]
+    return get
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
-@pytest.mark.parametrize("name", [layout.name for layout, _ in LAYOUTS])
-def test_clipped_gradients_equal_the_reference(results, references, name):
+@pytest.mark.parametrize("core, name", _cases())
+def test_clipped_gradients_equal_the_reference(runs, references, core, name):
     worst = 0.0
-    for rank, r in enumerate(results[name]):
+    for rank, r in enumerate(runs(core)[name]):
         sizes = [end - start for *_, start, end in r["pieces"]]
-        for record, ref in zip(r["steps"], references[name]):
+        for record, ref in zip(r["steps"], references(core, name)):
             if ref is None:
                 continue
             assert record["ok"] and record["norm"] == pytest.approx(ref["norm"], rel=1e-5), (name, rank, record["step"])
@@ -308,7 +342,7 @@ def test_clipped_gradients_equal_the_reference(results, references, name):
 
 
 def test_spikes_were_clipped_and_the_rise_followed(references):
-    ref = references["tp2dp2"]
+    ref = references("core0.16", "tp2dp2")
     for step, spikes in SPIKES.items():
         for gname, _, _ in spikes:
             assert ref[step]["coef"][gname] < 0.2, (step, gname, ref[step]["coef"][gname])
@@ -322,8 +356,9 @@ def test_spikes_were_clipped_and_the_rise_followed(references):
     assert 0 < sum(c < 1 for c in typical) < 0.3 * len(typical)
 
 
-@pytest.mark.parametrize("name", [layout.name for layout, _ in LAYOUTS])
-def test_gamma_identical_on_every_rank_holding_the_tensor(results, name):
+@pytest.mark.parametrize("core, name", _cases())
+def test_gamma_identical_on_every_rank_holding_the_tensor(runs, core, name):
+    results = runs(core)
     for step in range(STEPS):
         by_name: dict[str, set] = {}
         for r in results[name]:
@@ -334,8 +369,9 @@ def test_gamma_identical_on_every_rank_holding_the_tensor(results, name):
         assert sum(u == "embedding.word_embeddings.weight" for u in results[name][3]["units"]) == 1
 
 
-@pytest.mark.parametrize("name", [layout.name for layout, _ in LAYOUTS])
-def test_one_bucketed_all_reduce_per_step_and_no_host_read(results, name):
+@pytest.mark.parametrize("core, name", _cases())
+def test_one_bucketed_all_reduce_per_step_and_no_host_read(runs, core, name):
+    results = runs(core)
     layout = next(lay for lay, _ in LAYOUTS if lay.name == name)
     stage_size = 4 // layout.pp
     for rank, r in enumerate(results[name]):
@@ -348,18 +384,18 @@ def test_one_bucketed_all_reduce_per_step_and_no_host_read(results, name):
                 assert record["reads"] == stock_reads + (1 if name in AGREEING else 0), (name, rank, record["step"])
 
 
-@pytest.mark.parametrize("name", [layout.name for layout, _ in LAYOUTS])
-def test_nan_on_one_rank_skips_everywhere_with_gamma_untouched(results, name):
-    for r in results[name]:
+@pytest.mark.parametrize("core, name", _cases())
+def test_nan_on_one_rank_skips_everywhere_with_gamma_untouched(runs, core, name):
+    for r in runs(core)[name]:
         assert not r["steps"][NAN_STEP]["ok"] and not math.isfinite(r["steps"][NAN_STEP]["norm"])
         assert r["nan"] == dict(gamma_same=True, params_same=True)
         assert r["num_nonfinite"] == 1
         assert all(s["ok"] for s in r["steps"] if s["step"] != NAN_STEP)
 
 
-@pytest.mark.parametrize("name", [layout.name for layout, fmt in LAYOUTS if fmt is not None])
-def test_resume_from_a_megatron_checkpoint_equals_the_uninterrupted_run(results, name):
-    for r in results[name]:
+@pytest.mark.parametrize("core, name", _cases(resumable=True))
+def test_resume_from_a_megatron_checkpoint_equals_the_uninterrupted_run(runs, core, name):
+    for r in runs(core)[name]:
         straight = r["steps"][SAVE_AT + 1:]
         assert [s["step"] for s in r["resumed"]] == [s["step"] for s in straight]
         for a, b in zip(straight, r["resumed"]):
@@ -367,8 +403,9 @@ def test_resume_from_a_megatron_checkpoint_equals_the_uninterrupted_run(results,
             assert a["applied"].tobytes() == b["applied"].tobytes(), (name, a["step"])
 
 
-def test_metrics_reach_the_writer_with_one_host_transfer(results):
-    for rank, r in enumerate(results["tp2dp2_distopt"]):
+@pytest.mark.parametrize("core", CORES)
+def test_metrics_reach_the_writer_with_one_host_transfer(runs, core):
+    for rank, r in enumerate(runs(core)["tp2dp2_distopt"]):
         m = r["metrics"]
         if rank == 3:
             assert m["syncs"] == 1

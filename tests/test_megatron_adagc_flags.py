@@ -1,21 +1,21 @@
 """The ``--adagc*`` flags: through ``zclip_dist.megatron.add_arguments`` always, and with Megatron-LM's real
-parser, the launcher and the source patch when ``MEGATRON_LM_PATH`` is set (skipped otherwise)."""
+parser, the launcher and the source patch on both fixture tags (see tests/test_megatron_launch.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 from dataclasses import fields
 
 import pytest
 
-from tests.test_megatron_launch import PATCH, REPO, _parser, megatron_lm, run_python, training_deps
+from tests.megatron_versions import TAGS
+from tests.test_megatron_launch import PATCHED_CASES, _parser, megatron_lm, patched_validation, probe, run_python
 from zclip_dist import megatron as zmeg
 from zclip_dist.config import AdaGCConfig, ConfigError, ZClipConfig
+
+
+@pytest.fixture(params=list(TAGS))
+def mlm(request):
+    return megatron_lm(request.param)
 
 
 def _config(*argv: str):
@@ -86,90 +86,29 @@ def test_wrap_optimizer_refuses_what_is_not_a_megatron_optimizer():
         zmeg.wrap_optimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), AdaGCConfig())
 
 
-# ---- Megatron-LM's real parser, the launcher, the patch ------------------------------------------
-_PARSE = textwrap.dedent("""
-    import json, sys
-    from zclip_dist import megatron as zmeg
-    from zclip_dist.megatron import launch as megatron_launch
-    megatron_launch.install()
-    import megatron.training.initialize as initialize
-    sys.argv = ['pretrain_gpt.py', '--adagc', '--adagc-clip-ratio', '1.05', '--adagc-mode', 'adagc-global',
-                '--clip-grad', '2.0']
-    cfg = zmeg.clipping_config(initialize.parse_args(None, False))
-    print(json.dumps(cfg.to_dict()))
-""")
-
-
-def test_flags_parse_with_megatron_lm_parser():
-    checkout = megatron_lm()
-    training_deps()
-    proc = run_python(_PARSE, checkout=checkout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == AdaGCConfig(clip_ratio=1.05, mode="adagc-global", max_grad_norm=2.0).to_dict()
+# ---- Megatron-LM's real parser, the launcher, the patch (both tags; see tests/test_megatron_launch.py) ----
+def test_flags_parse_with_megatron_lm_parser(mlm):
+    assert probe(mlm)["adagc"] == AdaGCConfig(clip_ratio=1.05, mode="adagc-global", max_grad_norm=2.0).to_dict()
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--adagc", "--adagc-beta", "1.5"], "--adagc-beta = 1.5 is invalid"),
     (["--zclip", "--adagc"], "--zclip and --adagc are both given"),
 ])
-def test_launcher_stops_stock_pretrain_gpt(argv, message):
-    checkout = megatron_lm()
-    training_deps()
-    proc = run_python("", "-m", "zclip_dist.megatron.launch", str(checkout / "pretrain_gpt.py"), *argv,
-                      checkout=checkout)
+def test_launcher_stops_stock_pretrain_gpt(mlm, argv, message):
+    proc = run_python("", "-m", "zclip_dist.megatron.launch", str(mlm.path / "pretrain_gpt.py"), *argv, mlm=mlm)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
 
 
-def test_patched_megatron_lm_parses_and_validates_adagc(tmp_path):
-    """The patch applied to a copy of megatron/training: --adagc exists natively and is validated."""
-    checkout = megatron_lm()
-    training_deps()
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    copy = tmp_path / "mlm"
-    shutil.copytree(checkout / "megatron" / "training", copy / "megatron" / "training")
-    proc = subprocess.run(["git", "apply", str(PATCH)], cwd=copy, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    code = textwrap.dedent("""
-        import sys
-        import megatron.training.arguments as a
-        assert a.__file__.startswith(sys.argv[1]), a.__file__
-        sys.argv = ['x'] + sys.argv[2:]
-        args = a.parse_args()
-        print('parsed', args.adagc, args.adagc_beta, flush=True)
-        a.validate_args(args)
-    """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), str(checkout), str(REPO)]), PYTHONWARNINGS="ignore")
-    for argv, message in ((["--adagc", "--adagc-beta", "1.5"], "--adagc-beta = 1.5 is invalid"),
-                          (["--adagc", "--zclip"], "--zclip and --adagc are both given")):
-        proc = subprocess.run([sys.executable, "-c", code, str(copy), *argv], capture_output=True, text=True,
-                              env=env, cwd=REPO, timeout=300)
-        assert "parsed True" in proc.stdout, proc.stderr[-3000:]
-        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+def test_patched_megatron_lm_parses_and_validates_adagc(mlm, tmp_path):
+    """The shipped patch applied to a copy of megatron/training: --adagc exists natively and is validated."""
+    said = patched_validation(mlm, tmp_path)
+    for argv in (("--adagc", "--adagc-beta", "1.5"), ("--adagc", "--zclip")):
+        assert PATCHED_CASES[argv] in said[argv]
 
 
-_FACTORY = textwrap.dedent("""
-    import argparse, sys
-    import megatron.training.global_vars as gv
-    from zclip_dist import megatron as zmeg
-    from zclip_dist.megatron import launch as megatron_launch
-    calls = []
-    zmeg.wrap_optimizer = lambda opt, cfg, model=None: calls.append((opt, type(cfg).__name__, model)) or opt
-    gv.set_args(argparse.Namespace(adagc=True, zclip=False, clip_grad=1.0))
-    factory = megatron_launch._patched_factory(lambda config, model_chunks, **kw: 'optimizer')
-    factory('config', ['chunk0'], config_overrides=None)
-    factory('config', model_chunks=['chunk1'])
-    print(calls)
-""")
-
-
-def test_launcher_wraps_with_the_model_chunks():
+def test_launcher_wraps_with_the_model_chunks(mlm):
     """The patched get_megatron_optimizer hands AdaGC the model chunks it was given (names for gamma)."""
-    checkout = megatron_lm()
-    training_deps()
-    proc = run_python(_FACTORY, checkout=checkout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str([("optimizer", "AdaGCConfig", ["chunk0"]),
-                                                        ("optimizer", "AdaGCConfig", ["chunk1"])])
+    assert probe(mlm)["factory"] == [["optimizer", "AdaGCConfig", ["chunk0"]],
+                                     ["optimizer", "AdaGCConfig", ["chunk1"]]]

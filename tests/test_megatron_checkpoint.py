@@ -1,4 +1,5 @@
-"""Megatron checkpoints, the non-finite skip and metrics logging, on 4 gloo ranks in one spawned group.
+"""Megatron checkpoints, the non-finite skip and metrics logging, on 4 gloo ranks in one spawned group, on
+megatron-core 0.16.1 and 0.19.2 (tests/megatron_versions.py).
 
 * Resume: a run saved at step 14 and resumed into a freshly built model and optimizer makes the same
   ZClip decisions (and ends with the same parameters) as the uninterrupted run; torch_dist format
@@ -7,6 +8,9 @@
 * Non-finite: a NaN in one rank's gradient makes every rank return ``update_successful=False``,
   leaves the parameters and the statistics untouched, and training continues.
 * Metrics: ``log_metrics`` writes the metrics with one host transfer where a writer exists, none elsewhere.
+* ``--clip-grad 0`` (no fixed clip): the release's step still reaches ZClip's clip, a spike is clipped,
+  and the optimizer's ``clip_grad`` reads 0 again after the step; ``get_grad_norm()`` outside a step is
+  Megatron's own.
 """
 
 from __future__ import annotations
@@ -16,10 +20,8 @@ import warnings
 
 import pytest
 
-pytest.importorskip("megatron.core")
-
-from tests.distributed import run_ranks  # noqa: E402
-from tests.megatron_fixtures import Layout, load_checkpoint, save_checkpoint  # noqa: E402
+from tests.megatron_fixtures import Layout, load_checkpoint, save_checkpoint
+from tests.megatron_versions import CORES, run_ranks_on
 
 STEPS, SAVE_AFTER = 30, 14
 CONFIG = dict(alpha=0.9, z_thresh=2.0, warmup_steps=8, max_grad_norm=None)
@@ -94,6 +96,25 @@ def _nonfinite(rank: int) -> dict:
             "num_nonfinite": metrics["num_nonfinite"], "next_ok": next_ok}
 
 
+def _no_fixed_clip(rank: int) -> dict:
+    from tests.megatron_fixtures import AnalyticGrads, build
+    from zclip_dist import megatron as zmeg
+    from zclip_dist.config import ZClipConfig
+
+    ddp, opt = build(Layout("dp4"), seed=5, clip_grad=0.0)
+    grads = AnalyticGrads(ddp, Layout("dp4"))
+    grads.write(0, 1.0)
+    zmeg.wrap_optimizer(opt, ZClipConfig(**CONFIG))
+    before = opt.get_grad_norm()  # no step has run yet: Megatron's own read, ZClip untouched
+    out = {"read_before_step": math.isfinite(before) and int(opt.zclip.state.steps) == 0}
+    records = _train(opt, grads, range(20))  # spike (x5) at step 18
+    out["spike"] = records[18][2:4]  # (coef, spike)
+    out["post_clip"] = opt.get_grad_norm() / records[-1][1]  # last step: the clipped gradient over its norm
+    out["coef_last"] = records[-1][2]
+    out["clip_grad_after"] = [sub.config.clip_grad for sub in opt.chained_optimizers]
+    return out
+
+
 class _Writer:
     def __init__(self) -> None:
         self.scalars: dict[str, tuple[float, int]] = {}
@@ -127,15 +148,16 @@ def _worker(rank: int, world: int, path: str) -> dict:
     out = {fmt: _resume(fmt, layout, f"{path}/{fmt}") for fmt, layout in RESUME}
     out["nonfinite"] = _nonfinite(rank)
     out["metrics"] = _metrics(rank)
+    out["no_fixed_clip"] = _no_fixed_clip(rank)
     return out
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("megatron_ckpt")
+@pytest.fixture(scope="module", params=CORES)
+def results(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"megatron_ckpt_{request.param}")
     for fmt, _ in RESUME:
         (path / fmt).mkdir()
-    return run_ranks(_worker, 4, str(path))
+    return run_ranks_on(request.param, _worker, 4, str(path))
 
 
 @pytest.mark.parametrize("fmt", [fmt for fmt, _ in RESUME])
@@ -168,3 +190,13 @@ def test_metrics_reach_the_writer_with_one_host_transfer(results):
                 assert m["scalars"][f"wandb:zclip/{name}"] == (float(m["metrics"][name]), 12)
         else:
             assert m["syncs"] == 0 and m["written"] == {}
+
+
+def test_clip_grad_zero_still_reaches_the_zclip_clip(results):
+    for r in results:
+        got = r["no_fixed_clip"]
+        assert got["read_before_step"]
+        coef, spike = got["spike"]
+        assert spike and coef < 0.5  # clipped, although Megatron itself would not clip at all
+        assert got["post_clip"] == pytest.approx(got["coef_last"], rel=1e-5)
+        assert got["clip_grad_after"] == [0.0] * len(got["clip_grad_after"])

@@ -17,10 +17,15 @@ means no cap), so turning ZClip on keeps the ceiling a run had. When ``--adagc-m
 given, ``--clip-grad`` (when > 0) is AdaGC's lambda_abs, the warmup's global clip. ``--zclip`` and
 ``--adagc`` together are refused.
 
-Modules: ``flags`` (argparse only), ``hook`` (what both methods do to the optimizer object), ``zclip``
-and ``adagc`` (each method's step), ``launch`` (runs the stock ``pretrain_gpt.py`` with the flags and the
-hook). Only this package touches megatron-core's and Megatron-LM's private names; how Megatron computes
-its norm and where the hook sits is in ``docs/internals/megatron.md``.
+Supported: megatron-core 0.16.1 to 0.19.2 (Megatron-LM core_v0.16.1 to core_v0.19.0); other releases are
+refused by name when the hook is attached and before the launcher runs a script.
+
+Modules: ``flags`` (argparse only), ``hook`` (what both methods do to the optimizer object),
+``intercept`` (where they enter the release's own ``step()``: its norm read and its clip call), ``zclip``
+and ``adagc`` (each method's decision and clip), ``launch`` (runs the stock ``pretrain_gpt.py`` with the
+flags and the hook), ``patch`` (the source patch for a Megatron-LM checkout). Only this package touches
+megatron-core's and Megatron-LM's private names; how Megatron computes its norm and where the hook sits
+is in ``docs/internals/megatron.md``.
 """
 
 from __future__ import annotations
@@ -55,10 +60,12 @@ def wrap_optimizer(optimizer: Any, config: ZClipConfig | AdaGCConfig, model: Any
 
     ZClip works for ``ChainedOptimizer`` (dense + expert sub-optimizers), ``DistributedOptimizer``,
     ``Float16OptimizerWithFloat16Params`` and ``FP32Optimizer``; AdaGC for the same without expert
-    sub-optimizers. After this, ``optimizer.step()`` uses Megatron's own global norm, makes it identical
-    on every rank, clips (ZClip: to its threshold; AdaGC: each tensor by its coefficient), skips the
-    update on a non-finite norm (``update_successful=False``) and updates the statistics exactly once;
-    ``state_dict``/``sharded_state_dict``/``load_state_dict`` carry the state.
+    sub-optimizers. After this, ``optimizer.step()`` is still the release's own; the method takes
+    Megatron's global norm as that step reads it, makes it identical on every rank, updates the
+    statistics exactly once, replaces the step's clip (ZClip: to its threshold; AdaGC: each tensor by its
+    coefficient) and skips the update on a non-finite norm (``update_successful=False``);
+    ``state_dict``/``sharded_state_dict``/``load_state_dict`` carry the state. Raises
+    :class:`~zclip_dist.megatron.intercept.UnsupportedMegatronCore` outside megatron-core 0.16.1..0.19.2.
 
     ``model``: the model chunks; AdaGC keys gamma by their parameter names (ZClip ignores it).
     """

@@ -1,7 +1,8 @@
 """Megatron-core adapter for AdaGC: per-tensor clipping on the norm of each *whole* tensor.
 
-Attached like ZClip (:mod:`zclip_dist.megatron.hook`: same class swap, same Megatron norm, same
-tail of ``ChainedOptimizer.step``); what differs is the clip:
+Attached like ZClip (:mod:`zclip_dist.megatron.hook`: same class swap; :mod:`~zclip_dist.megatron.intercept`:
+the release's own ``step()`` runs, AdaGC decides on the norm it reads and replaces its clip call); what
+differs is the clip:
 
 * **Units.** One gamma per model parameter of this pipeline stage (all model chunks), keyed by its
   name. Each sub-optimizer's parameters are *main* parameters: the model parameters themselves
@@ -21,8 +22,8 @@ tail of ``ChainedOptimizer.step``); what differs is the clip:
   Megatron's own global norm (as a device scalar made by ``torch.full``: no copy, no sync); exactly once
   per step. Gamma and the coefficients stay on the device: no host read beyond Megatron's own.
 * **Clip.** The coefficients are applied with ``torch._foreach_mul_`` to exactly the gradients stock
-  Megatron would clip (every parameter of every non-stub sub-optimizer), in place of
-  ``clip_grad_by_total_norm_fp32``. AdaGC multiplies every step (a coefficient of 1 included): deciding
+  Megatron would clip (every parameter of every non-stub sub-optimizer), in place of its first
+  ``clip_grad_by_total_norm_fp32`` call of the step (the later ones, one per sub-optimizer, find them done). AdaGC multiplies every step (a coefficient of 1 included): deciding
   whether to multiply would be a host read.
 * **Non-finite.** A non-finite Megatron norm returns ``(False, norm, None)`` on every rank (Megatron-LM
   skips the update and counts a skipped iteration); the clipper records it and gamma does not move.
@@ -34,13 +35,14 @@ tail of ``ChainedOptimizer.step``); what differs is the clip:
   holds other tensors), written by TP/DP rank 0 of the stage. ``load_state_dict`` removes it before
   Megatron sees the dict. The state survives a change of DP size (names, not positions).
 * **Refused** by name rather than clipped wrongly: expert (MoE) sub-optimizers, Megatron-FSDP, the
-  layer-wise (Muon) optimizer, several distributed-optimizer instances.
+  layer-wise (Muon) optimizer, several distributed-optimizer instances, parameters with a separate
+  gradient-norm group (megatron-core 0.19's detached multi-token-prediction heads).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,17 +51,7 @@ from torch import Tensor
 from ..clipper import AdaGCClipper
 from ..config import AdaGCConfig
 from ..topology import Topology
-from .hook import (
-    _is_expert,
-    finish_step,
-    megatron_norm,
-    pop_entries,
-    prepare,
-    register,
-    sub_optimizers,
-    uses_decoupled_grad,
-    with_entry,
-)
+from .hook import _is_expert, pop_entries, prepare, register, sub_optimizers, uses_decoupled_grad, with_entry
 
 __all__ = ["attach", "UnsupportedConfiguration", "STATE_KEY", "LOG_METRICS", "SHARDED_KEY"]
 
@@ -267,6 +259,11 @@ def _refuse_unsupported(optimizer: Any, subs: list[Any]) -> None:
         if _is_expert(sub):
             raise UnsupportedConfiguration("adagc: expert (MoE) parameters are not supported yet: their per-tensor "
                                            "norms need the expert TP x DP group and names per expert rank")
+        params = sub.get_parameters() if hasattr(sub, "get_parameters") else []
+        if any(getattr(p, "grad_norm_group", None) is not None for p in params):
+            raise UnsupportedConfiguration("adagc: parameters with a separate gradient-norm group (megatron-core "
+                                           "0.19 multi-token-prediction heads with mtp_detach_heads) are not "
+                                           "supported yet")
         ddp_config = getattr(sub, "ddp_config", None)
         if getattr(ddp_config, "use_megatron_fsdp", False):
             raise UnsupportedConfiguration("adagc: Megatron-FSDP is not supported yet")
@@ -285,23 +282,24 @@ class _AdaGCOverrides:
     _adagc_tensors: _PerTensor
     _zclip_config: AdaGCConfig
     _zclip_base: type
+    _adagc_pending: tuple[list[Tensor], Tensor] | None  # this step's (gradients, coefficients) until clipped
 
-    @torch.no_grad()
-    def step(self):  # noqa: D401 - Megatron's signature: (update_successful, grad_norm, num_zeros_in_grad)
-        """Stock ChainedOptimizer.step with the fixed clip replaced by AdaGC's per-tensor coefficients."""
-        if self.prepare_grads():  # found inf/NaN through the loss scaler: Megatron's own skip, gamma untouched
-            return False, None, None
-        grad_norm, finite = megatron_norm(self, self._zclip_config.nonfinite)
+    def _zclip_decide(self, norm: float, finite: bool) -> None:
+        """Every whole tensor's norm (one all-reduce over the stage) and Megatron's global norm: gamma and
+        the coefficients, exactly once per step."""
         tensors = self._adagc_tensors
         grads = tensors.grads()
         # Megatron's norm as a device scalar: a fill kernel, no copy and no sync.
-        norm = torch.full((), grad_norm, dtype=torch.float32, device=tensors.device)
-        decision = self.adagc.step(tensors.whole_tensor_squares(grads), norm)  # exactly once per step
-        if not finite and self._zclip_config.nonfinite == "skip":
-            return False, grad_norm, None  # Megatron-LM skips the LR step and counts a skipped iteration
-        if finite:
-            tensors.apply(grads, decision.coefs)
-        return finish_step(self, grad_norm)
+        global_norm = torch.full((), norm, dtype=torch.float32, device=tensors.device)
+        decision = self.adagc.step(tensors.whole_tensor_squares(grads), global_norm)
+        self._adagc_pending = (grads, decision.coefs) if finite else None
+
+    def _zclip_clip(self, params: list, total_norm: float, use_decoupled_grad: bool, stock_clip: Callable) -> None:
+        """The per-tensor coefficients on every main gradient, at the step's first clip call."""
+        if self._adagc_pending is not None:
+            grads, coefs = self._adagc_pending
+            self._adagc_pending = None
+            self._adagc_tensors.apply(grads, coefs)
 
     def state_dict(self, *args, **kwargs):
         return with_entry(self._zclip_base.state_dict(self, *args, **kwargs), STATE_KEY, self.adagc.state_dict())
@@ -348,7 +346,8 @@ def attach(optimizer: Any, config: AdaGCConfig, model: Any = None) -> Any:
         logger.warning("adagc: no model given to wrap_optimizer: gamma is keyed by position (param.<k>); "
                        "pass model=<model chunks> to key it by parameter name")
     optimizer._adagc_tensors = tensors
-    # "raise" is enforced in megatron_norm on the host float; the clipper itself would read its flag every step.
+    optimizer._adagc_pending = None
+    # "raise" is enforced in intercept on the host float; the clipper itself would read its flag every step.
     inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
     optimizer.adagc = AdaGCClipper(inner)
     optimizer.adagc.bind(tensors.names, tensors.device)

@@ -81,6 +81,9 @@ class _Method:
             kind = str(f.type)
             if f.name in self.choices:
                 kwargs["choices"] = self.choices[f.name]
+            elif "str" in kind:  # a path (log_jsonl): the text as given
+                kwargs["type"] = str
+                kwargs["metavar"] = "PATH"
             elif "None" in kind:  # optional numbers: 'none' (or 'off') sets None
                 kwargs["type"] = _int_or_none if "int" in kind else _float_or_none
             elif "bool" in kind:
@@ -204,6 +207,10 @@ def clipping_config(args: argparse.Namespace) -> ZClipConfig | AdaGCConfig | Non
     if enabled(args) and adagc_enabled(args):
         raise ConfigError("--zclip and --adagc are both given: they are two clipping methods for the same "
                           "gradients; keep one")
+    if clipping_enabled(args) and getattr(args, "optimizer_cuda_graph", False):
+        # The decision is taken on the host from Megatron's host-side norm: nothing a graph replay could redo.
+        raise ConfigError(f"--optimizer-cuda-graph cannot be used with --{'adagc' if adagc_enabled(args) else 'zclip'}: "
+                          "the clipping decision is taken on the host every step; drop --optimizer-cuda-graph")
     if adagc_enabled(args):
         return adagc_config_from_args(args)
     if enabled(args):

@@ -1,8 +1,8 @@
-"""What ZClip and AdaGC do alike to a megatron-core optimizer: the class swap (:func:`prepare`), Megatron's
-own norm made identical on every rank (:func:`megatron_norm`), the tail of the step (:func:`finish_step`),
-checkpoint entries, the expert-TP norm fix and :func:`log_metrics`. Each method's step is in
-:mod:`zclip_dist.megatron.zclip` / :mod:`zclip_dist.megatron.adagc`; how Megatron computes and applies
-its norm, and why the hook sits where it does, is in ``docs/internals/megatron.md``.
+"""What ZClip and AdaGC do alike to a megatron-core optimizer: the class swap (:func:`prepare`), the
+checkpoint entries, the expert-TP norm fix and :func:`log_metrics`. Where they enter the release's own
+``step()`` (its norm read and its clip call) is :mod:`zclip_dist.megatron.intercept`; each method's
+decision and clip are in :mod:`zclip_dist.megatron.zclip` / :mod:`zclip_dist.megatron.adagc`; how
+Megatron computes and applies its norm is in ``docs/internals/megatron.md``.
 
 * Megatron's norm is already a Python float (its one ``.item()``); it is made identical on every rank
   with :func:`zclip_dist.clipper.agree` only where Megatron's reduction does not already span the world
@@ -16,17 +16,17 @@ its norm, and why the hook sits where it does, is in ``docs/internals/megatron.m
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
-from ..clipper import agree, verify_same_config
+from ..clipper import verify_same_config
+from .intercept import StepHooks, check_core_version, core_version
 
 __all__ = ["attached_optimizer", "is_attached", "method_of", "clipper_of", "sub_optimizers", "fix_expert_tp_norm",
-           "log_metrics", "core_version", "STATE_KEY", "STATE_KEYS", "LOG_METRICS"]
+           "log_metrics", "core_version", "check_core_version", "STATE_KEY", "STATE_KEYS", "LOG_METRICS"]
 
 logger = logging.getLogger("zclip_dist.megatron")
 
@@ -41,13 +41,7 @@ LOG_METRICS = ("grad_norm", "threshold", "coef", "clipped", "skipped", "mean", "
 _EXPERT_TP_FIXED = (0, 19)
 _ATTACHED: list[Any] = []  # the optimizer ZClip/AdaGC was last attached to, for Megatron-LM's training_log
 _DISPLAY = {"zclip": "ZClip", "adagc": "AdaGC"}
-_REQUIRED = ("prepare_grads", "get_grad_norm", "step_with_ready_grads", "get_parameters", "config")
-
-
-def core_version() -> tuple[int, int, int]:
-    from megatron.core import package_info
-
-    return (int(package_info.MAJOR), int(package_info.MINOR), int(package_info.PATCH))
+_REQUIRED = ("step", "prepare_grads", "get_grad_norm", "step_with_ready_grads", "get_parameters", "config")
 
 
 def sub_optimizers(optimizer: Any) -> list[Any]:
@@ -115,37 +109,6 @@ def _device_of(optimizer: Any) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def megatron_norm(optimizer: Any, nonfinite: str) -> tuple[float, bool]:
-    """Megatron's own global norm (its one pass and ``.item()``), identical on every rank; and whether finite.
-
-    ``nonfinite="raise"`` raises here, on the host float (every rank holds the same value). Where
-    Megatron's reduction does not span the world (``optimizer._zclip_group``), replicas computed the norm
-    separately: one scalar all-reduce and one read make it identical by construction (the only added
-    host read, and only there).
-    """
-    grad_norm = optimizer.get_grad_norm()  # a host float in 0.16.1
-    if isinstance(grad_norm, torch.Tensor):  # newer main returns a tensor
-        grad_norm = float(grad_norm)
-    if optimizer._zclip_group is not None:  # first: a NaN on one replica must stop every rank, not that one
-        grad_norm = float(agree(torch.full((), grad_norm, dtype=torch.float64, device=optimizer._zclip_device),
-                                optimizer._zclip_group))
-    finite = math.isfinite(grad_norm)
-    if not finite and nonfinite == "raise":
-        raise FloatingPointError(
-            f"zclip_dist: non-finite gradient norm ({grad_norm}); every rank raises (nonfinite='raise'). "
-            "Set --zclip-nonfinite / --adagc-nonfinite skip to skip such steps.")
-    return grad_norm, finite
-
-
-def finish_step(optimizer: Any, grad_norm: float) -> tuple[bool, float, Any]:
-    """The tail of stock ``ChainedOptimizer.step`` after the clip: zero count, the update, Muon's gather."""
-    num_zeros = optimizer.count_zeros() if getattr(optimizer.config, "log_num_zeros_in_grad", False) else None
-    update_successful = optimizer.step_with_ready_grads()
-    if hasattr(optimizer, "allgather_params"):  # LayerWiseDistributedOptimizer (Muon)
-        optimizer.allgather_params()
-    return update_successful, grad_norm, num_zeros
-
-
 def uses_decoupled_grad(sub: Any) -> bool:
     """Precision-aware optimizer: the gradient Megatron clips is ``decoupled_grad``, not ``grad``."""
     return bool(getattr(sub.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
@@ -196,25 +159,29 @@ def clipper_of(optimizer: Any) -> Any:
 def prepare(optimizer: Any, config: Any, method: str, overrides: type) -> None:
     """What both methods do to the optimizer object: checks, the PR #5916 fix, the class swap, the norm group.
 
-    The class becomes a one-level subclass holding ``step`` and the checkpoint methods of ``overrides``
-    (see :class:`zclip_dist.megatron.zclip._Overrides` for why not a mixin); the object stays the same.
+    The class becomes a one-level subclass holding the step hooks of
+    :class:`~zclip_dist.megatron.intercept.StepHooks` and the decision, clip and checkpoint methods of
+    ``overrides`` (see :class:`zclip_dist.megatron.zclip._Overrides` for why not a mixin); the object
+    stays the same.
     """
     if is_attached(optimizer):
         raise ValueError(f"{method_of(optimizer)} is already attached to this optimizer; ZClip and AdaGC are two "
                          "clipping methods for the same gradients: attach one")
     missing = [name for name in _REQUIRED if not hasattr(optimizer, name)]
     if missing:
-        raise TypeError(
-            f"zclip_dist: {type(optimizer).__name__} lacks {', '.join(missing)}; expected a megatron-core optimizer "
-            f"(tested with megatron-core 0.16.1, found {'.'.join(map(str, core_version()))})")
+        raise TypeError(f"zclip_dist: {type(optimizer).__name__} lacks {', '.join(missing)}; expected a megatron-core "
+                        "optimizer (what get_megatron_optimizer returns)")
+    check_core_version()
     fix_expert_tp_norm(optimizer)
     cls = type(optimizer)
-    methods = {name: overrides.__dict__[name] for name in ("step", "state_dict", "sharded_state_dict",
-                                                           "load_state_dict")}
+    methods = {name: StepHooks.__dict__[name] for name in ("step", "get_grad_norm", "step_with_ready_grads")}
+    methods.update({name: overrides.__dict__[name] for name in ("_zclip_decide", "_zclip_clip", "state_dict",
+                                                                "sharded_state_dict", "load_state_dict")})
     optimizer.__class__ = type(f"{_DISPLAY[method]}{cls.__name__}", (cls,),
                                {**methods, "__module__": overrides.__module__, "_zclip_method": method,
                                 "_zclip_base": cls})
     optimizer._zclip_config = config
+    optimizer._zclip_step = None  # set only while step() runs (intercept)
     optimizer._zclip_device = _device_of(optimizer)
     optimizer._zclip_group = _norm_group(optimizer)
 

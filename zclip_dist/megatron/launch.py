@@ -4,13 +4,17 @@
         <Megatron-LM arguments> --zclip --zclip-z-thresh 2.5
     torchrun ... -m zclip_dist.megatron.launch pretrain_gpt.py <arguments> --adagc --adagc-clip-ratio 1.04
 
-What it patches before running the script with ``runpy`` (docs/internals/megatron.md), all by name
-in the modules that look them up at call time:
+Works with the stock script of Megatron-LM core_v0.16.1 to core_v0.19.0 (megatron-core 0.16.1 to 0.19.2;
+other megatron-core releases are refused by name before the script runs). What it patches before
+running the script with ``runpy`` (docs/internals/megatron.md), all by name in the modules that look
+them up at call time:
 
-* ``megatron.training.arguments.parse_args`` and ``megatron.training.initialize.parse_args`` (bound
-  at import there): chain :func:`zclip_dist.megatron.add_arguments` onto whatever
-  ``extra_args_provider`` the script passes, then validate the ZClip / AdaGC settings at once, so a bad
-  value (or ``--zclip`` with ``--adagc``) stops the run before any model is built, naming the flag;
+* ``megatron.training.arguments.parse_args`` -- called by ``parse_and_validate_args`` (the script's
+  entry from core_v0.18.0 on) and by ``initialize_megatron`` before that, where ``initialize`` binds
+  its own ``parse_args`` at import (patched too where it exists): chain
+  :func:`zclip_dist.megatron.add_arguments` onto whatever ``extra_args_provider`` the script passes,
+  then validate the ZClip / AdaGC settings at once, so a bad value (or ``--zclip`` with ``--adagc``)
+  stops the run before any model is built, naming the flag;
 * ``megatron.training.training.get_megatron_optimizer`` (and the Muon factory when present): wrap
   the returned optimizer when ``--zclip`` or ``--adagc`` is on (AdaGC keys gamma by the names of the
   model chunks the factory was given);
@@ -27,8 +31,12 @@ import sys
 from typing import Any, Callable, Sequence
 
 from .. import megatron as zmeg
+from .intercept import UnsupportedMegatronCore
 
-__all__ = ["install", "main"]
+__all__ = ["install", "main", "TRAINING_INSTALL"]
+
+#: What ``megatron.training`` imports beyond megatron-core (Megatron-LM has no package of its own).
+TRAINING_INSTALL = "pip install six regex pyyaml pydantic triton"
 
 _STATE: dict[str, Any] = {"installed": False}
 
@@ -98,15 +106,23 @@ def _patched_training_log(original: Callable) -> Callable:
 
 
 def install() -> None:
-    """Patch Megatron-LM's argument parsing, optimizer factory and training log (idempotent)."""
+    """Patch Megatron-LM's argument parsing, optimizer factory and training log (idempotent).
+
+    Raises :class:`~zclip_dist.megatron.intercept.UnsupportedMegatronCore` for a megatron-core outside
+    the supported range, before anything is patched.
+    """
     if _STATE["installed"]:
         return
+    from .intercept import check_core_version
+
+    check_core_version()
     import megatron.training.arguments as arguments
     import megatron.training.initialize as initialize
     import megatron.training.training as training
 
-    arguments.parse_args = _patched_parse_args(arguments.parse_args)
-    initialize.parse_args = _patched_parse_args(initialize.parse_args)
+    for module in (arguments, initialize):  # initialize binds its own name up to core_v0.17
+        if hasattr(module, "parse_args"):
+            module.parse_args = _patched_parse_args(module.parse_args)
     for name in ("get_megatron_optimizer", "get_megatron_muon_optimizer"):
         if hasattr(training, name):
             setattr(training, name, _patched_factory(getattr(training, name)))
@@ -128,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         install()
     except ImportError as err:
         raise SystemExit(f"zclip_dist.megatron.launch: cannot import megatron.training from {os.path.dirname(script)} "
-                         f"({err}); it needs a Megatron-LM checkout and: pip install six regex pyyaml pydantic triton")
+                         f"({err}); it needs a Megatron-LM checkout and: {TRAINING_INSTALL}") from None
+    except UnsupportedMegatronCore as err:
+        raise SystemExit(f"zclip_dist.megatron.launch: {err}") from None
     sys.argv = [script] + argv[1:]
     runpy.run_path(script, run_name="__main__")
 

@@ -1,44 +1,30 @@
 """ZClip inside the optimizer ``get_megatron_optimizer`` returned.
 
-* :func:`attach` swaps the optimizer object's class for a subclass whose ``step`` is stock
-  ``ChainedOptimizer.step`` (megatron-core 0.16.1, ``optimizer.py:1308-1338``) with the fixed
-  ``--clip-grad`` replaced by the ZClip decision. The object stays the same, so Megatron-LM's attribute
-  reads (``chained_optimizers``, ``param_groups``, ``get_loss_scale()``...) and type checks still work.
+* :func:`attach` swaps the optimizer object's class for a one-level subclass; the release's own
+  ``step()`` runs, and :mod:`zclip_dist.megatron.intercept` hands ZClip the norm that step clips with
+  (:meth:`_Overrides._zclip_decide`) and ZClip's clip in place of the fixed ``--clip-grad`` one
+  (:meth:`_Overrides._zclip_clip`). The object stays the same, so Megatron-LM's attribute reads
+  (``chained_optimizers``, ``param_groups``, ``get_loss_scale()``...) and type checks still work.
 * Megatron's norm is already a Python float (its one ``.item()``), so the ZClip statistics run on
   the host (a CPU-resident :class:`~zclip_dist.clipper.Clipper`): no device sync, no kernel. The
   decision's ``clip_to`` goes to Megatron's own ``clip_grad_by_total_norm_fp32`` as ``max_norm``, in
   place of ``--clip-grad``: the same pass, multiplying only when clipping, as stock Megatron does.
-* A non-finite norm returns ``(False, norm, None)``: Megatron-LM skips the update and counts a skipped
-  iteration; the statistics do not move. Megatron's norm is already a host float, so this branch
-  costs no sync.
+  Parameters megatron-core clips with a norm of their own (0.19's MTP heads) keep the stock clip.
+* A non-finite norm makes the step return ``update_successful=False`` (``nonfinite="skip"``):
+  Megatron-LM skips the update and counts a skipped iteration; the statistics do not move. Megatron's
+  norm is already a host float, so this branch costs no sync.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from ..clipper import Clipper, host_value
 from ..config import ZClipConfig
-from .hook import (
-    STATE_KEY,
-    finish_step,
-    megatron_norm,
-    pop_entries,
-    prepare,
-    register,
-    sub_optimizers,
-    uses_decoupled_grad,
-    with_entry,
-)
-
-try:  # the module-level name stock ChainedOptimizer.step calls
-    from megatron.core.optimizer.optimizer import clip_grad_by_total_norm_fp32
-except ImportError:  # pragma: no cover - megatron-core is an optional extra
-    clip_grad_by_total_norm_fp32 = None
+from .hook import STATE_KEY, pop_entries, prepare, register, with_entry
 
 __all__ = ["attach"]
 
@@ -53,27 +39,18 @@ class _Overrides:
 
     zclip: Clipper
     _zclip_config: ZClipConfig
-    _zclip_group: dist.ProcessGroup | None
     _zclip_base: type
+    _zclip_max_norm: float  # this step's threshold for Megatron's clip (+inf: no clip)
 
-    @torch.no_grad()
-    def step(self):  # noqa: D401 - Megatron's signature: (update_successful, grad_norm, num_zeros_in_grad)
-        """Stock ChainedOptimizer.step with the fixed clip replaced by ZClip's decision."""
-        if self.prepare_grads():  # found inf/NaN through the loss scaler: Megatron's own skip, stats untouched
-            return False, None, None
-        grad_norm, finite = megatron_norm(self, self._zclip_config.nonfinite)
-        decision = self.zclip.step(torch.tensor(grad_norm, dtype=torch.float64))  # host state: exactly once
-        if not finite and self._zclip_config.nonfinite == "skip":
-            return False, grad_norm, None  # Megatron-LM skips the LR step and counts a skipped iteration
-        max_norm = host_value(decision.clip_to)  # +inf when not clipping
-        if finite and max_norm < math.inf:
-            for sub in sub_optimizers(self):
-                if getattr(sub, "is_stub_optimizer", False) or not sub.get_parameters():
-                    continue
-                clip_grad_by_total_norm_fp32(
-                    sub.get_parameters(), max_norm=max_norm, total_norm=grad_norm,
-                    use_decoupled_grad=uses_decoupled_grad(sub))
-        return finish_step(self, grad_norm)
+    def _zclip_decide(self, norm: float, finite: bool) -> None:
+        """This step's norm, identical on every rank: update the statistics (exactly once per step)."""
+        decision = self.zclip.step(torch.tensor(norm, dtype=torch.float64))
+        self._zclip_max_norm = host_value(decision.clip_to) if finite else math.inf  # +inf: not clipping
+
+    def _zclip_clip(self, params: list, total_norm: float, use_decoupled_grad: bool, stock_clip: Callable) -> None:
+        """Megatron's clip of the main gradients, to ZClip's threshold instead of ``--clip-grad``."""
+        if self._zclip_max_norm < math.inf:
+            stock_clip(params, self._zclip_max_norm, total_norm, use_decoupled_grad)
 
     # ---- checkpoints: one extra entry, removed before Megatron sees the dict ----------------------
     def state_dict(self, *args, **kwargs):
@@ -98,8 +75,9 @@ def attach(optimizer: Any, config: ZClipConfig) -> Any:
     sub-optimizers), ``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``.
     """
     prepare(optimizer, config, "zclip", _Overrides)
-    # "raise" is enforced in megatron_norm on the host float; the clipper itself would read its flag every step.
+    # "raise" is enforced in intercept on the host float; the clipper itself would read its flag every step.
     inner = config.replace(nonfinite="skip") if config.nonfinite == "raise" else config
     # The norm arrives as a host float: the statistics live on the CPU, where reading them costs nothing.
     optimizer.zclip = Clipper(inner, device="cpu")
+    optimizer._zclip_max_norm = math.inf
     return register(optimizer)
