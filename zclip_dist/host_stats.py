@@ -268,7 +268,7 @@ def adagc_global_host(config: AdaGCConfig, norms: Sequence[float]) -> dict[str, 
             over = seen and g > limit
             streak = streak + 1 if over else 0
             reset = False
-            if recovery is not None and streak >= recovery:
+            if recovery is not None and streak > recovery:
                 over, reset, streak = False, True, 0
             coef = f32(limit / f32(g + eps)) if over else 1.0
             n_clipped = limit if over else g
