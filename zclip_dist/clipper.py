@@ -9,9 +9,10 @@ checkpoints it, and enforces the non-finite policy.
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ from .config import AdaGCConfig, ConfigError, ZClipConfig
 from .graphs import GraphedUpdate, can_graph
 from .metrics import JsonlSink, metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
+
+if TYPE_CHECKING:
+    from .events import EventRecorder
 
 __all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "verify_identical", "verify_same_config", "STATE_FORMAT",
            "STATE_VERSION", "ADAGC_STATE_FORMAT"]
@@ -176,6 +180,9 @@ class _JsonlLog:
     config: ZClipConfig | AdaGCConfig
     _sink: JsonlSink | None = None
     _logged_calls = 0
+    #: Spike forensics (set by the front end): each step's event row goes here, and the events read at a
+    #: log step go into that line's ``events`` field.
+    recorder: "EventRecorder | None" = None
 
     def metrics(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -188,7 +195,14 @@ class _JsonlLog:
             return
         if self._sink is None:
             self._sink = JsonlSink(self.config.log_jsonl)
-        self._sink.write({"call": self._logged_calls, **self.metrics()})  # the one host transfer
+        record = {"call": self._logged_calls, **self.metrics()}  # the one host transfer of the metrics
+        if self.recorder is not None:
+            self.recorder.keep_for_log = True
+            self.recorder.read()  # a log step reads anyway: the event buffer comes along
+            events = self.recorder.take_unlogged()
+            if events:  # ordinary steps carry no events field
+                record["events"] = [e.to_json() for e in events]
+        self._sink.write(record)
 
 
 class Clipper(_JsonlLog):
@@ -218,10 +232,13 @@ class Clipper(_JsonlLog):
         return decision
 
     # ---- the step ---------------------------------------------------------------------------------
-    def step(self, norm: Tensor | float) -> ZClipDecision:
+    def step(self, norm: Tensor | float, *, squares: Tensor | None = None, replicas: Tensor | None = None
+             ) -> ZClipDecision:
         """Feed this optimizer step's pre-clip global norm; update the statistics exactly once.
 
         No host synchronisation unless ``nonfinite="raise"`` (which must read the flag on the host).
+        ``squares`` / ``replicas``: the per-tensor and per-replica squared norms for spike forensics
+        (``self.recorder``), when measured.
         """
         if not isinstance(norm, Tensor):
             device = self.state.mean.device if self.state is not None else None
@@ -239,6 +256,10 @@ class Clipper(_JsonlLog):
             self._graph = GraphedUpdate(self._update, [norm])
         self.last = self._graph(norm) if self._graph is not None and can_graph(norm.device) else self._update(norm)
         self._calls += 1
+        if self.recorder is not None:
+            d = self.last
+            self.recorder.record(step=self.state.steps, norm=d.norm, threshold=d.threshold, clipped=d.clipped,
+                                 spike=d.spike, nonfinite=d.nonfinite, squares=squares, replicas=replicas)
         if self.config.verify_every and self._calls % self.config.verify_every == 0:
             verify_identical(self.state, self._calls)
         self._log_step()
@@ -361,8 +382,12 @@ class AdaGCClipper(_JsonlLog):
         _commit(self.state, new_state)
         return decision
 
-    def step(self, sq_norms: Tensor, global_norm: Tensor) -> AdaGCDecision:
-        """Feed the whole-tensor squared norms (bound order) and the global norm; update gamma once."""
+    def step(self, sq_norms: Tensor, global_norm: Tensor, *, squares: Tensor | None = None,
+             replicas: Tensor | None = None) -> AdaGCDecision:
+        """Feed the whole-tensor squared norms (bound order) and the global norm; update gamma once.
+
+        ``squares`` / ``replicas``: as for :meth:`Clipper.step` (spike forensics).
+        """
         if self.check_config:
             verify_same_config(self.config, self.config_group)
             self.check_config = False
@@ -370,6 +395,11 @@ class AdaGCClipper(_JsonlLog):
             self._graph = GraphedUpdate(self._update, [sq_norms, global_norm])
         graphed = self._graph is not None and can_graph(sq_norms.device)
         self.last = self._graph(sq_norms, global_norm) if graphed else self._update(sq_norms, global_norm)
+        if self.recorder is not None:
+            d, st = self.last, self.state
+            self.recorder.record(step=st.count + st.num_nonfinite, norm=d.norm, threshold=torch.full_like(d.norm, math.nan),
+                                 clipped=d.clipped.any(), spike=torch.zeros_like(d.nonfinite),
+                                 nonfinite=d.nonfinite, squares=squares, replicas=replicas)
         if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
             raise FloatingPointError("adagc: non-finite gradient norm; every rank raises (nonfinite='raise')")
         self._log_step()
