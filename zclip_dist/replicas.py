@@ -98,7 +98,7 @@ class ReplicaMeter:
         if inner is None:
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook as inner
 
-        def hook(state: object, bucket: dist.GradBucket) -> "torch.futures.Future[Tensor]":
+        def hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings
             if self.topology.replica_counts is not None:  # TP duplicates may sit in the bucket
                 self.add_grads(bucket.parameters(), bucket.gradients())
             else:
