@@ -23,7 +23,7 @@ from .config import ForensicsConfig
 from .replicas import ReplicaMeter, replica_ranks
 from .topology import Topology
 from .forensics import (KIND_BITS, NONFINITE, Event, NameIndex, ReplicaShare, Share, by_name, event_flags,
-                        name_index, top_shares)
+                        kind_weights, name_index, top_shares)
 
 __all__ = ["EventRecorder", "Forensics"]
 
@@ -49,6 +49,7 @@ class EventRecorder:
         self.width = _HEAD + 2 * self.kp + 2 * self.kr
         self.buf = torch.zeros(config.capacity, self.width, dtype=torch.float64, device=self.device)
         self.count = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._kinds = kind_weights(config.events, self.device)
         self.replica_ranks: Sequence[tuple[int, ...]] | None = None  # replica -> its global ranks
         self.keep_for_log = False  # the clipper writes JSON lines: keep read events for the next line
         self.dropped = 0
@@ -97,11 +98,11 @@ class EventRecorder:
         ``squares``: whole-tensor squared norms in the order of :meth:`bind_names` (None: not measured);
         ``replicas``: per-replica squared norms before the data-parallel reduction (None: not measured).
         """
-        is_event, bits = event_flags(self.config.events, clipped=clipped, spike=spike, nonfinite=nonfinite)
+        is_event, bits = event_flags(self._kinds, clipped=clipped, spike=spike, nonfinite=nonfinite)
         params = by_name(squares, self.names) if squares is not None and self.names is not None else None
         table = self._table_id if self._table_id is not None else self._pad(1)[:1]
-        head = torch.stack([step.to(torch.float64), norm.to(torch.float64), threshold.to(torch.float64), bits])
-        row = torch.cat([head.to(self.device), table, self._top(params, self.kp), self._top(replicas, self.kr)])
+        head = torch.stack([step, norm, threshold, bits]).to(torch.float64)  # one promotion
+        row = torch.cat([head, table, self._top(params, self.kp), self._top(replicas, self.kr)])
         pos = torch.remainder(self.count, self.buf.shape[0]).reshape(1)
         self.buf.index_copy_(0, pos, torch.where(is_event, row, self.buf.index_select(0, pos)[0]).unsqueeze(0))
         self.count += is_event.to(torch.int64)

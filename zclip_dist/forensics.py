@@ -28,8 +28,8 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["logical_name", "NameIndex", "name_index", "by_name", "top_shares", "event_flags", "Share",
-           "ReplicaShare", "Event", "events_in", "format_events", "NONFINITE", "KIND_BITS"]
+__all__ = ["logical_name", "NameIndex", "name_index", "by_name", "top_shares", "kind_weights", "event_flags", "Share",
+           "ReplicaShare", "Event", "event_scalars", "events_in", "format_events", "NONFINITE", "KIND_BITS"]
 
 #: Share value marking a non-finite entry (a real share is in [0, 1]).
 NONFINITE = -1.0
@@ -87,14 +87,19 @@ def top_shares(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return idx, torch.where(finite.index_select(0, idx), shares, torch.full_like(shares, NONFINITE))
 
 
-def event_flags(kinds: Sequence[str], *, clipped: Tensor, spike: Tensor, nonfinite: Tensor) -> tuple[Tensor, Tensor]:
-    """``(is_event, bits)`` as device tensors: is this step one of ``kinds``, and which kinds it is."""
-    flags = {"clipped": clipped, "spike": spike, "nonfinite": nonfinite}
-    bits = sum(flags[k].to(torch.float64) * v for k, v in KIND_BITS.items())
-    is_event = torch.zeros((), dtype=torch.bool, device=clipped.device)
-    for k in kinds:
-        is_event = is_event | flags[k]
-    return is_event, bits
+def kind_weights(kinds: Sequence[str], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Constants for :func:`event_flags`, made once: (which kinds are events, the kinds' bits)."""
+    wanted = [float(k in kinds) for k in KIND_BITS]
+    return (torch.tensor(wanted, dtype=torch.float64, device=device),
+            torch.tensor([float(b) for b in KIND_BITS.values()], dtype=torch.float64, device=device))
+
+
+def event_flags(weights: tuple[Tensor, Tensor], *, clipped: Tensor, spike: Tensor, nonfinite: Tensor
+                ) -> tuple[Tensor, Tensor]:
+    """``(is_event, bits)`` as device tensors: is this step an event, and which kinds it is."""
+    flags = torch.stack([clipped, spike, nonfinite]).to(torch.float64)  # in KIND_BITS order
+    wanted, bits = weights
+    return torch.dot(flags, wanted) > 0, torch.dot(flags, bits)
 
 
 # ---- the host-side record ------------------------------------------------------------------------
@@ -146,6 +151,18 @@ class Event:
                                                bool(r.get("nonfinite", False))) for r in d.get("replicas", ())))
 
 
+def event_scalars(event: Event, prefix: str = "zclip/event/") -> dict[str, float]:
+    """An event as scalars for loggers that take numbers only (TensorBoard, W&B, Lightning, DeepSpeed's
+    monitor, Megatron's writer): ``grad_norm``, ``param/<name>`` and ``replica/<index>`` shares (NaN for
+    a non-finite entry), logged at the event's step."""
+    out = {f"{prefix}grad_norm": math.nan if event.grad_norm is None else event.grad_norm}
+    for p in event.params:
+        out[f"{prefix}param/{p.name}"] = math.nan if p.share is None else p.share
+    for r in event.replicas:
+        out[f"{prefix}replica/{r.replica}"] = math.nan if r.share is None else r.share
+    return out
+
+
 def events_in(records: Iterable[Mapping[str, Any] | Event]) -> list[Event]:
     """The events of a run: from JSON-lines metric records (their ``events`` field), event dicts or Events."""
     out: list[Event] = []
@@ -160,7 +177,7 @@ def events_in(records: Iterable[Mapping[str, Any] | Event]) -> list[Event]:
 
 
 def _pct(share: float | None, nonfinite: bool) -> str:
-    return "NaN/Inf" if nonfinite else "?" if share is None else f"{100 * share:.1f}%"
+    return "NaN/Inf" if nonfinite else "?" if share is None else f"{100 * share:.3g}%"
 
 
 def _num(value: float | None) -> str:
