@@ -27,7 +27,7 @@ from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_upd
 if TYPE_CHECKING:
     from .events import EventRecorder
 
-__all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "verify_identical", "verify_same_config", "STATE_FORMAT",
+__all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "host_list", "verify_identical", "verify_same_config", "STATE_FORMAT",
            "STATE_VERSION", "ADAGC_STATE_FORMAT"]
 
 logger = logging.getLogger("zclip_dist")
@@ -95,6 +95,13 @@ def host_value(tensor: Tensor) -> float:
     if tensor.device.type != "cpu":
         raise ValueError(f"host_value reads CPU tensors only, got one on {tensor.device}")
     return tensor.item()
+
+
+def host_list(tensor: Tensor) -> list:
+    """:func:`host_value` for a whole CPU tensor (e.g. the result of a collective on a gloo group)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"host_list reads CPU tensors only, got one on {tensor.device}")
+    return tensor.tolist()
 
 
 def verify_identical(state: tuple[Tensor, ...], step: int) -> None:

@@ -43,14 +43,14 @@ def replica_ranks(topology: Topology) -> list[tuple[int, ...]]:
     group): no device sync. Collective over the topology's group: call it on every rank, once."""
     if topology.group is None or not dist.is_initialized():
         return [(dist.get_rank() if dist.is_initialized() else 0,)] * topology.replica[1]
-    from .clipper import _host_group  # the clipper's gloo twin of a device group, shared
+    from .clipper import _host_group, host_list  # the clipper's gloo twin of a device group, shared
 
     group = _host_group(topology.group)
     mine = torch.tensor([dist.get_rank(), topology.replica[0]], dtype=torch.int64)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     table: list[list[int]] = [[] for _ in range(topology.replica[1])]
-    for rank, replica in torch.stack(everyone).tolist():  # host memory: not a device read
+    for rank, replica in host_list(torch.stack(everyone)):
         table[replica].append(rank)
     return [tuple(sorted(r)) for r in table]
 
