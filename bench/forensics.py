@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON and markdown here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    result = {"machine": machine(), "command": "python -m bench.forensics " + " ".join(sys.argv[1:] if argv is None else argv)}
+    command = "python -m bench.forensics " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"machine": machine(), "command": command.strip()}
     result["clip_phase"] = clip_phase(args.quick)
     result["ddp_step"] = ddp_step(args.quick, args.layers, args.width, args.tokens)
     from .__main__ import table

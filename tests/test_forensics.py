@@ -72,14 +72,16 @@ def _check_event(event: Event, params, replicas, ranks_of) -> None:
     def order(shares: dict) -> list:
         return sorted(shares, key=lambda k: -math.inf if shares[k] is None else -shares[k])
 
+    def same(got, want) -> bool:
+        return got.nonfinite == (want is None) and (want is None or math.isclose(got.share, want, rel_tol=1e-4,
+                                                                                  abs_tol=1e-7))
+
     assert [p.name for p in event.params] == order(params)[:len(event.params)] and len(event.params) == 3
     for p in event.params:
-        want = params[p.name]
-        assert p.nonfinite == (want is None) and (want is None or math.isclose(p.share, want, rel_tol=1e-4, abs_tol=1e-7)), (p, want)
+        assert same(p, params[p.name]), (p, params[p.name])
     assert [r.replica for r in event.replicas] == order(replicas)[:2]
     for r in event.replicas:
-        want = replicas[r.replica]
-        assert r.nonfinite == (want is None) and (want is None or math.isclose(r.share, want, rel_tol=1e-4, abs_tol=1e-7)), (r, want)
+        assert same(r, replicas[r.replica]), (r, replicas[r.replica])
         assert r.ranks == ranks_of(r.replica)
 
 

@@ -9,8 +9,8 @@ checkpoints it, and enforces the non-finite policy.
 from __future__ import annotations
 
 import hashlib
-import math
 import logging
+import math
 import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -27,8 +27,8 @@ from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_upd
 if TYPE_CHECKING:
     from .events import EventRecorder
 
-__all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "host_list", "verify_identical", "verify_same_config", "STATE_FORMAT",
-           "STATE_VERSION", "ADAGC_STATE_FORMAT"]
+__all__ = ["Clipper", "AdaGCClipper", "agree", "host_value", "host_list", "verify_identical", "verify_same_config",
+           "STATE_FORMAT", "STATE_VERSION", "ADAGC_STATE_FORMAT"]
 
 logger = logging.getLogger("zclip_dist")
 
@@ -204,7 +204,7 @@ class _JsonlLog:
             self._sink = JsonlSink(self.config.log_jsonl)
         record = {"call": self._logged_calls, **self.metrics()}  # the one host transfer of the metrics
         if self.recorder is not None:
-            self.recorder.keep_for_log = True
+            self.recorder.keep_for_log = True  # this rank writes lines: events read elsewhere wait for one
             self.recorder.read()  # a log step reads anyway: the event buffer comes along
             events = self.recorder.take_unlogged()
             if events:  # ordinary steps carry no events field
@@ -403,10 +403,11 @@ class AdaGCClipper(_JsonlLog):
         graphed = self._graph is not None and can_graph(sq_norms.device)
         self.last = self._graph(sq_norms, global_norm) if graphed else self._update(sq_norms, global_norm)
         if self.recorder is not None:
-            d, st = self.last, self.state
-            self.recorder.record(step=st.count + st.num_nonfinite, norm=d.norm, threshold=torch.full_like(d.norm, math.nan),
-                                 clipped=d.clipped.any(), spike=torch.zeros_like(d.nonfinite),
-                                 nonfinite=d.nonfinite, squares=squares, replicas=replicas)
+            d, st = self.last, self.state  # AdaGC has no spike test and no single threshold
+            self.recorder.record(step=st.count + st.num_nonfinite, norm=d.norm,
+                                 threshold=torch.full_like(d.norm, math.nan), clipped=d.clipped.any(),
+                                 spike=torch.zeros_like(d.nonfinite), nonfinite=d.nonfinite, squares=squares,
+                                 replicas=replicas)
         if self.config.nonfinite == "raise" and bool(self.last.nonfinite):
             raise FloatingPointError("adagc: non-finite gradient norm; every rank raises (nonfinite='raise')")
         self._log_step()

@@ -77,7 +77,8 @@ class EventRecorder:
     # ---- recording (device only) -----------------------------------------------------------------
     def _pad(self, n: int) -> Tensor:
         if n not in self._pads:  # index -1 and share NaN: "no entry"
-            self._pads[n] = torch.cat([torch.full((n,), -1.0), torch.full((n,), math.nan)]).to(self.device, torch.float64)
+            pad = torch.cat([torch.full((n,), -1.0), torch.full((n,), math.nan)])
+            self._pads[n] = pad.to(self.device, torch.float64)
         return self._pads[n]
 
     def _top(self, values: Tensor | None, k_max: int) -> Tensor:

@@ -106,8 +106,10 @@ class NormCalculator:
         aligned = self.topology.tensor_group_is_group
         if aligned:
             head = sq * plan.weights  # 0 * NaN = NaN, as in __call__
+        elif sq.numel():
+            head = torch.dot(sq, plan.weights).reshape(1)
         else:
-            head = (torch.dot(sq, plan.weights) if sq.numel() else torch.zeros((), dtype=ACC_DTYPE, device=plan.device)).reshape(1)
+            head = torch.zeros(1, dtype=ACC_DTYPE, device=plan.device)
         buf = torch.cat([head, extra.to(ACC_DTYPE)]) if extra is not None else head
         self.topology.all_reduce_sum(buf)
         n = head.numel()

@@ -95,10 +95,13 @@ class _DropIn:
         hook, instead of ``register_comm_hook``); an FSDP2 module a measuring reduce-scatter.
         """
         self._prepare(model, list(model.parameters()))
+        is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if comm_hook is not None and not is_ddp:
+            raise ValueError(f"comm_hook is for a DistributedDataParallel module, got {type(model).__name__}")
         meter = self._forensics.meter if self._forensics is not None else None
         if meter is None or meter.attached is not None:
             return
-        if comm_hook is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+        if comm_hook is not None:
             model.register_comm_hook(comm_state if comm_state is not None else model.process_group,
                                      meter.ddp_hook(comm_hook))
             meter.attached = "ddp"
@@ -118,9 +121,9 @@ class _DropIn:
             return
         module = model if isinstance(model, nn.Module) else None
         self.topology = self.topology or Topology.for_parameters(params, module)
-        first = params[0] if params else None
-        device = (first.grad if first is not None and first.grad is not None else first)
-        device = local_tensor(device).device if device is not None else None
+        # Before the first backward (attach) there is no gradient yet: the parameter's device then.
+        where = next((p.grad if p.grad is not None else p for p in params[:1]), None)
+        device = local_tensor(where).device if where is not None else None
         self._norms = NormCalculator(self.topology, device=device)
         # The settings must agree over the ranks this clipper spans; a local clipper spans none.
         self.clipper.config_group = self.topology.group
