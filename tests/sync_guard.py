@@ -4,7 +4,7 @@ On CUDA ``torch.cuda.set_sync_debug_mode("error")`` catches syncs at the runtime
 no device to wait for, so the Python entry points through which code reads a tensor value on the host
 are patched instead: ``item``, ``tolist``, ``numpy``, ``__bool__``, ``__float__``, ``__int__``,
 ``__index__`` and ``__format__``-style conversions all go through these. Reads made by
-:func:`zclip_dist.clipper.host_value` (which refuses accelerator tensors) are not counted.
+:func:`zclip_dist.clipper.host_value` and ``host_list`` (which refuse accelerator tensors) are not counted.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Iterator
 
 import torch
 
-from zclip_dist.clipper import host_value
+from zclip_dist.clipper import host_list, host_value
 
-_HOST_READER = host_value.__code__  # reads of CPU-resident clipper state: host memory, not a device sync
+# Reads of CPU-resident values (clipper state, results of gloo collectives): host memory, not a device sync.
+_HOST_READERS = (host_value.__code__, host_list.__code__)
 
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__")
 
@@ -32,7 +33,7 @@ def count_host_reads(*, fail: bool = False) -> Iterator[Counter]:
         original = originals[name]
 
         def patched(self, *args, **kwargs):
-            if sys._getframe(1).f_code is _HOST_READER:
+            if sys._getframe(1).f_code in _HOST_READERS:
                 return original(self, *args, **kwargs)
             counts[name] += 1
             if fail:

@@ -146,3 +146,38 @@ def test_logged_rows_hold_their_own_step_and_no_host_read_between(tmp_path):
         for name in METRIC_NAMES:
             assert float(r[f"zclip/{name}"]) == pytest.approx(float(expected[name]), rel=1e-6, nan_ok=True), (r["step"], name)
     assert int(callback.zclip.clipper.state.steps) == 18  # batch 2 of each epoch had nothing to clip
+
+
+class _Capture(L.pytorch.loggers.Logger):
+    name, version = "capture", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_events_reach_the_loggers_at_their_step(tmp_path):
+    logger = _Capture()
+    seen = []
+    model = Tiny()
+    trainer = L.Trainer(max_steps=20, callbacks=[ZClipLightningCallback(**CFG, on_event=seen.append)],
+                        accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, loader())
+    events = {step: m for step, m in logger.rows if "zclip/event/grad_norm" in m}
+    assert {7, 17} <= set(events) and [e.step - 1 for e in seen] == sorted(events)  # clipper steps count from 1
+    for step, m in events.items():
+        shares = [v for k, v in m.items() if k.startswith("zclip/event/param/net.")]
+        assert len(shares) == 3 and 0 < sum(shares) <= 1 + 1e-6
+        assert m["zclip/event/grad_norm"] > 0

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,9 +24,11 @@ from .graphs import GraphedUpdate, can_graph
 from .metrics import JsonlSink, config_header, metrics_tensors, to_host
 from .stats import STATE_DTYPE, ZClipDecision, ZClipState, init_state, zclip_update
 
-__all__ = ["Clipper", "AdaGCClipper", "ADAGC_METRIC_NAMES", "adagc_to_host", "agree", "host_value", "verify_identical",
-           "verify_same_config", "STATE_FORMAT",
-           "STATE_VERSION", "ADAGC_STATE_FORMAT"]
+if TYPE_CHECKING:
+    from .events import EventRecorder
+
+__all__ = ["Clipper", "AdaGCClipper", "ADAGC_METRIC_NAMES", "adagc_to_host", "agree", "host_value", "host_list",
+           "verify_identical", "verify_same_config", "STATE_FORMAT", "STATE_VERSION", "ADAGC_STATE_FORMAT"]
 
 logger = logging.getLogger("zclip_dist")
 
@@ -92,6 +95,13 @@ def host_value(tensor: Tensor) -> float:
     if tensor.device.type != "cpu":
         raise ValueError(f"host_value reads CPU tensors only, got one on {tensor.device}")
     return tensor.item()
+
+
+def host_list(tensor: Tensor) -> list:
+    """:func:`host_value` for a whole CPU tensor (e.g. the result of a collective on a gloo group)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"host_list reads CPU tensors only, got one on {tensor.device}")
+    return tensor.tolist()
 
 
 def verify_identical(state: tuple[Tensor, ...], step: int) -> None:
@@ -180,6 +190,9 @@ class _JsonlLog:
     #: False: a front end picks the steps itself and calls :meth:`write_jsonl` (DeepSpeed: every
     #: ``log_interval``-th step and every clipped, spike or non-finite step).
     jsonl_every_interval = True
+    #: Spike forensics (set by the front end): each step's event row goes here, and the events read at a
+    #: log step go into that line's ``events`` field.
+    recorder: "EventRecorder | None" = None
 
     def metrics(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -198,7 +211,14 @@ class _JsonlLog:
             return
         if self._sink is None:
             self._sink = JsonlSink(self.config.log_jsonl, header=config_header(self.config))
-        self._sink.write({"call": call, **metrics})
+        record = {"call": call, **metrics}
+        if self.recorder is not None:
+            self.recorder.keep_for_log = True  # this rank writes lines: events read elsewhere wait for one
+            self.recorder.read()  # a log step reads anyway: the event buffer comes along
+            events = self.recorder.take_unlogged()
+            if events:  # ordinary steps carry no events field
+                record["events"] = [e.to_json() for e in events]
+        self._sink.write(record)
 
 
 class Clipper(_JsonlLog):
@@ -228,12 +248,14 @@ class Clipper(_JsonlLog):
         return decision
 
     # ---- the step ---------------------------------------------------------------------------------
-    def step(self, norm: Tensor | float, *, overflow: bool = False) -> ZClipDecision:
+    def step(self, norm: Tensor | float, *, overflow: bool = False, squares: Tensor | None = None,
+             replicas: Tensor | None = None) -> ZClipDecision:
         """Feed this optimizer step's pre-clip global norm; update the statistics exactly once.
 
         No host synchronisation unless ``nonfinite="raise"`` (which must read the flag on the host).
         ``overflow``: the engine skipped this step on a loss-scale overflow (fp16 dynamic loss scaling),
-        which is routine: recorded as non-finite, never raised.
+        which is routine: recorded as non-finite, never raised. ``squares`` / ``replicas``: the
+        per-tensor and per-replica squared norms for spike forensics (``self.recorder``), when measured.
         """
         if not isinstance(norm, Tensor):
             device = self.state.mean.device if self.state is not None else None
@@ -251,6 +273,10 @@ class Clipper(_JsonlLog):
             self._graph = GraphedUpdate(self._update, [norm])
         self.last = self._graph(norm) if self._graph is not None and can_graph(norm.device) else self._update(norm)
         self._calls += 1
+        if self.recorder is not None:
+            d = self.last
+            self.recorder.record(step=self.state.steps, norm=d.norm, threshold=d.threshold, clipped=d.clipped,
+                                 spike=d.spike, nonfinite=d.nonfinite, squares=squares, replicas=replicas)
         if self.config.verify_every and self._calls % self.config.verify_every == 0:
             verify_identical(self.state, self._calls)
         self._log_step()
@@ -386,9 +412,10 @@ class AdaGCClipper(_JsonlLog):
         _commit(self.state, new_state)
         return decision
 
-    def step(self, sq_norms: Tensor, global_norm: Tensor, *, overflow: bool = False) -> AdaGCDecision:
+    def step(self, sq_norms: Tensor, global_norm: Tensor, *, overflow: bool = False, squares: Tensor | None = None,
+             replicas: Tensor | None = None) -> AdaGCDecision:
         """Feed the whole-tensor squared norms (bound order) and the global norm; update gamma once.
-        ``overflow``: as for :meth:`Clipper.step`."""
+        ``overflow``: as for :meth:`Clipper.step`; ``squares`` / ``replicas``: likewise (spike forensics)."""
         if self.check_config:
             verify_same_config(self.config, self.config_group)
             self.check_config = False
@@ -396,6 +423,12 @@ class AdaGCClipper(_JsonlLog):
             self._graph = GraphedUpdate(self._update, [sq_norms, global_norm])
         graphed = self._graph is not None and can_graph(sq_norms.device)
         self.last = self._graph(sq_norms, global_norm) if graphed else self._update(sq_norms, global_norm)
+        if self.recorder is not None:
+            d, st = self.last, self.state  # AdaGC has no spike test and no single threshold
+            self.recorder.record(step=st.count + st.num_nonfinite, norm=d.norm,
+                                 threshold=torch.full_like(d.norm, math.nan), clipped=d.clipped.any(),
+                                 spike=torch.zeros_like(d.nonfinite), nonfinite=d.nonfinite, squares=squares,
+                                 replicas=replicas)
         if self.config.nonfinite == "raise" and not overflow and bool(self.last.nonfinite):
             raise FloatingPointError("adagc: non-finite gradient norm; every rank raises (nonfinite='raise')")
         self._log_step()

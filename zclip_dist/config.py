@@ -14,12 +14,13 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["ZClipConfig", "AdaGCConfig", "ConfigError", "NONFINITE_POLICIES", "attribute_docs"]
+__all__ = ["ZClipConfig", "AdaGCConfig", "ForensicsConfig", "ConfigError", "NONFINITE_POLICIES", "attribute_docs"]
 
 MODES = ("zscore", "percentile")
 CLIP_OPTIONS = ("adaptive_scaling", "mean")
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 ADAGC_MODES = ("adagc", "adagc-global")
+EVENT_KINDS = ("clipped", "spike", "nonfinite")
 
 
 class ConfigError(ValueError):
@@ -224,6 +225,67 @@ class AdaGCConfig(_FromDict):
         if self.recovery_steps is not None:
             check_int(src, "recovery_steps", self.recovery_steps, low=1)
         check_logging(src, self.log_jsonl, self.log_interval)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForensicsConfig(_FromDict):
+    """Spike forensics: at each event step, which parameters and which data-parallel replicas carried
+    the squared gradient norm (:mod:`zclip_dist.forensics`). Every rank must use the same settings.
+
+    Attributes:
+        top_k: parameters named per event, by share of the squared global norm; 0 turns forensics off.
+        replicas: also name the data-parallel replicas, by share of the sum of their squared gradient
+            norms before the data-parallel reduction (a DDP comm hook or an FSDP2 reduce-scatter
+            wrapper measures them: one extra read of each gradient, during backward).
+        top_replicas: replicas named per event.
+        events: which steps are events: any of "clipped", "spike", "nonfinite" (AdaGC: a tensor clipped).
+        capacity: events held on the device between two reads; older ones are dropped and counted.
+        read_every: also read the events every N steps on every rank (one host transfer on those
+            steps) and hand them to ``on_event``; 0: only at JSON-lines log steps and ``events()`` calls.
+    """
+
+    top_k: int = 3
+    replicas: bool = True
+    top_replicas: int = 2
+    events: tuple[str, ...] = EVENT_KINDS
+    capacity: int = 64
+    read_every: int = 0
+    _source: str = dataclasses.field(default="forensics", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        src = self._source
+        check_int(src, "top_k", self.top_k, low=0)
+        check_bool(src, "replicas", self.replicas)
+        check_int(src, "top_replicas", self.top_replicas, low=1)
+        kinds = self.events
+        if (isinstance(kinds, str) or not isinstance(kinds, (tuple, list)) or not kinds
+                or any(k not in EVENT_KINDS for k in kinds)):
+            _fail(src, "events", kinds, "a non-empty list of " + ", ".join(repr(k) for k in EVENT_KINDS))
+        object.__setattr__(self, "events", tuple(kinds))  # a JSON list becomes a hashable tuple
+        check_int(src, "capacity", self.capacity, low=1)
+        check_int(src, "read_every", self.read_every, low=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k > 0
+
+    @classmethod
+    def coerce(cls, value: "ForensicsConfig | Mapping[str, Any] | bool | None", *,
+               source: str = "forensics") -> "ForensicsConfig":
+        """``True``/``None``: the defaults; ``False``: off; a mapping: :meth:`from_dict`, where
+        ``"enabled": false`` turns forensics off; a ready config passes through."""
+        if isinstance(value, cls):
+            return value
+        if value is None or value is True:
+            return cls(_source=source)
+        if value is False:
+            return cls(top_k=0, _source=source)
+        if isinstance(value, Mapping):
+            entry = dict(value)
+            enabled = entry.get("enabled", True)
+            check_bool(source, "enabled", enabled)
+            return cls.from_dict(entry, source=source) if enabled else cls(top_k=0, _source=source)
+        raise ConfigError(f"{source} = {value!r} is invalid: allowed true, false or a mapping of forensics settings")
 
 
 def attribute_docs(cls: type) -> dict[str, str]:

@@ -95,6 +95,34 @@ class NormCalculator:
         self.topology.all_reduce_sum(total)
         return total.sqrt(), sq
 
+    def with_squares(self, params: Sequence[Tensor], grads: Sequence[Tensor], extra: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The global norm together with what spike forensics needs, in the same single all-reduce.
+
+        Returns ``(norm, squares, extra)``: ``squares`` is every counted tensor's squared norm summed over
+        the group (plan order; TP and ZeRO/FSDP pieces of one tensor add up, replicas count once), so
+        ``squares.sum()`` is the global squared norm; ``extra`` (any fp32 vector, e.g. the per-replica
+        slots of :class:`~zclip_dist.replicas.ReplicaMeter`) comes back SUMmed over the group. One
+        buffer ``[weighted squares | extra]``: n_tensors + len(extra) floats instead of one.
+
+        With a pipeline, positions do not align over the group (each stage holds other tensors):
+        ``squares`` is then None and the norm travels as one scalar next to ``extra``.
+        """
+        sq = self.local_squares(params, grads)
+        plan = self.plan
+        aligned = self.topology.tensor_group_is_group
+        if aligned:
+            head = sq * plan.weights  # 0 * NaN = NaN, as in __call__
+        elif sq.numel():
+            head = torch.dot(sq, plan.weights).reshape(1)
+        else:
+            head = torch.zeros(1, dtype=plan.dtype, device=plan.device)
+        buf = torch.cat([head, extra.to(plan.dtype)]) if extra is not None else head
+        self.topology.all_reduce_sum(buf)
+        n = head.numel()
+        squares = buf[:n]
+        return squares.sum().sqrt(), (squares if aligned else None), (buf[n:] if extra is not None else None)
+
     def per_tensor(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Global norm and the squared norms of the *whole* tensors (plan order), identical on every rank.
 
@@ -102,13 +130,24 @@ class NormCalculator:
         parallelism): the global square is the sum of the whole-tensor squares. With a pipeline, a
         second (scalar) all-reduce over the global group adds the other stages.
         """
+        norm, full, _ = self.per_tensor_with(params, grads)
+        return norm, full
+
+    def per_tensor_with(self, params: Sequence[Tensor], grads: Sequence[Tensor], extra: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`per_tensor`, plus ``extra`` SUMmed over the global group in a collective it already makes."""
         sq = self.local_squares(params, grads)
         plan = self.plan
         full = sq * plan.tensor_weights  # 0 * NaN = NaN: a bad replica still poisons its tensor's norm
+        n = full.numel()
         if self.topology.tensor_group_is_group:
-            self.topology.all_reduce_tensor_sum(full)
-            return full.sum().sqrt(), full
+            buf = torch.cat([full, extra.to(plan.dtype)]) if extra is not None else full
+            self.topology.all_reduce_tensor_sum(buf)
+            full = buf[:n]
+            return full.sum().sqrt(), full, (buf[n:] if extra is not None else None)
         total = torch.dot(sq, plan.weights) if sq.numel() else torch.zeros((), dtype=plan.dtype, device=plan.device)
+        head = total.reshape(1)
+        buf = torch.cat([head, extra.to(plan.dtype)]) if extra is not None else head
         self.topology.all_reduce_tensor_sum(full)
-        self.topology.all_reduce_sum(total)
-        return total.sqrt(), full
+        self.topology.all_reduce_sum(buf)
+        return buf[0].sqrt(), full, (buf[1:] if extra is not None else None)

@@ -15,6 +15,10 @@ so a NaN or Inf on *any* rank makes the norm non-finite on every rank and all of
 action. Ranks of ``group`` receive bitwise-identical results from the all-reduce, so every rank feeds
 the same number into the same deterministic statistics: one decision everywhere.
 
+Spike forensics name data-parallel replicas: ``replica`` is this rank's (index, count) among them and
+``replica_counts`` the dedup *within* one replica (a TP duplicate counts on TP rank 0 of it), so that
+summing the weighted local squares of a replica's ranks gives its whole gradient's squared norm.
+
 Per-tensor norms (AdaGC) need a second fact: ``tensor_group``, the ranks whose parameter lists align
 (the same tensors in the same order: TP and DP ranks of one pipeline stage) and ``tensor_counts``, the
 dedup within that group. A weighted SUM of the per-tensor vector over it gives every whole tensor's
@@ -23,6 +27,7 @@ norm in one bucketed collective. Without pipeline parallelism it is ``group`` it
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
@@ -69,6 +74,9 @@ class _Same:
 
 SAME = _Same()
 
+#: Mesh dimension names that are model parallel, not data parallel (see ``Topology.from_mesh``).
+_MODEL_DIM = re.compile(r"(tp|tensor|cp|context|ep|expert|pp|pipe)")
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -80,6 +88,8 @@ class Topology:
     tensor_group: Union[ProcessGroup, None, _Same] = SAME
     tensor_counts: Callable[[Tensor], bool] | None = field(default=None, repr=False)
     tensor_group_missing: str | None = None  # why per-tensor norms cannot be formed (set by from_groups)
+    replica: tuple[int, int] = (0, 1)  # (this rank's data-parallel replica, number of replicas)
+    replica_counts: Callable[[Tensor], bool] | None = field(default=None, repr=False)  # dedup within a replica
 
     # ---- the collectives -------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -111,6 +121,10 @@ class Topology:
     def counts_in_tensor_group(self, param: Tensor) -> bool:
         return (self.tensor_counts or self.counts)(param)
 
+    def counts_in_replica(self, param: Tensor) -> bool:
+        """Whether this rank's copy counts toward its replica's squared norm (before the DP reduction)."""
+        return True if self.replica_counts is None else self.replica_counts(param)
+
     @property
     def world_size(self) -> int:
         return dist.get_world_size(self.group) if self.group is not None else 1
@@ -129,14 +143,17 @@ class Topology:
         non-finite value from any replica to all of them.
         """
         group = group if group is not None else _world()
-        first = dist.get_rank(group) == 0
-        return cls(group=group, counts=lambda p: first, description=f"data_parallel(size={dist.get_world_size(group)})")
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        return cls(group=group, counts=lambda p: rank == 0, description=f"data_parallel(size={size})",
+                   replica=(rank, size))
 
     @classmethod
     def sharded(cls, group: ProcessGroup | None = None) -> "Topology":
         """Every rank of ``group`` holds a disjoint shard of every gradient (ZeRO, FSDP1 FULL_SHARD)."""
         group = group if group is not None else _world()
-        return cls(group=group, counts=lambda p: True, description=f"sharded(size={dist.get_world_size(group)})")
+        size = dist.get_world_size(group)
+        return cls(group=group, counts=lambda p: True, description=f"sharded(size={size})",
+                   replica=(dist.get_rank(group), size))
 
     @classmethod
     def from_groups(
@@ -183,6 +200,10 @@ class Topology:
         def counts(p: Tensor) -> bool:
             return not shared_copy(p) and counts_in_stage(p)
 
+        def counts_in_replica(p: Tensor) -> bool:
+            # Expert gradients hold tokens of other replicas (all-to-all): they name no one replica.
+            return not shared_copy(p) and not expert(p) and (tp_rank == 0 or tp_sharded(p))
+
         sizes = {n: (dist.get_world_size(g) if g is not None else 1)
                  for n, g in (("tp", tp_group), ("pp", pp_group), ("dp", dp_group))}
         desc = "groups(" + ", ".join(f"{k}={v}" for k, v in sizes.items()) + (", dp_sharded" if dp_sharded else "") + ")"
@@ -193,7 +214,8 @@ class Topology:
         # A tied copy has its own (already all-reduced) gradient: it counts for its own per-tensor norm.
         return cls(group=group, counts=counts, description=desc,
                    tensor_group=SAME if tensor_group is None else tensor_group,
-                   tensor_counts=counts_in_stage, tensor_group_missing=missing)
+                   tensor_counts=counts_in_stage, tensor_group_missing=missing,
+                   replica=(dp_rank, sizes["dp"]), replica_counts=counts_in_replica)
 
     @classmethod
     def from_mesh(cls, mesh: "torch.distributed.device_mesh.DeviceMesh") -> "Topology":
@@ -201,7 +223,9 @@ class Topology:
 
         A DTensor gradient counts when this rank's coordinate is 0 on every mesh dimension where it is
         ``Replicate``; ``Shard`` dimensions count everywhere. A plain tensor is replicated on the whole mesh.
-        The SUM runs over all ranks of the mesh.
+        The SUM runs over all ranks of the mesh. Mesh dimensions named for model parallelism (``tp``,
+        ``tensor``, ``cp``, ``context``, ``ep``, ``expert``, ``pp``, ``pipe`` and names starting with
+        them) are not data parallel; the other dimensions index the replicas.
         """
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -228,7 +252,19 @@ class Topology:
                                      "expected Shard or Replicate")
             return True
 
-        return cls(group=group, counts=counts, description=f"mesh{tuple(mesh.shape)}")
+        names = mesh.mesh_dim_names or (None,) * mesh.ndim
+        model_dims = [d for d, n in enumerate(names) if n is not None and _MODEL_DIM.match(n.lower())]
+        replica, replicas = 0, 1
+        for d in range(mesh.ndim):
+            if d not in model_dims:
+                replica, replicas = replica * mesh.shape[d] + coords[d], replicas * mesh.shape[d]
+
+        def counts_in_replica(p: Tensor) -> bool:
+            placements = p.placements if isinstance(p, DTensor) else [Replicate()] * mesh.ndim
+            return all(coords[d] == 0 or not isinstance(placements[d], Replicate) for d in model_dims)
+
+        return cls(group=group, counts=counts, description=f"mesh{tuple(mesh.shape)}",
+                   replica=(replica, replicas), replica_counts=counts_in_replica)
 
     @classmethod
     def for_parameters(cls, params: Iterable[Tensor], module: torch.nn.Module | None = None) -> "Topology":
