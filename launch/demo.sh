@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The main job: set up this machine, then train a small GPT with DeepSpeed twice -- fixed clipping vs
-# ZClip -- with a corrupted batch injected at a known step; prints the table, writes out/demo/demo.png.
-# CPU only: 4 simulated ranks over gloo (about 4 minutes on 2 cores). GPUs: one rank per GPU over NCCL.
+# The main job: set up this machine, then train a small GPT with DeepSpeed five times -- fixed clips 1, 2
+# and 8, ZClip, AdaGC -- with a corrupted batch injected at a known step; prints the table, writes
+# out/demo/demo.png. CPU: 4 simulated ranks over gloo. GPUs: one rank per GPU over NCCL.
 #
 # Variables (all optional):
 #   PYTHON            interpreter (default python3)
 #   ZCLIP_SKIP_SETUP  set to 1 to skip `bash launch/setup.sh` (already set up)
 #   DS_ACCELERATOR    set to "cpu" to use simulated CPU ranks even when GPUs are present
-# Arguments go to `zclip-dist demo`:  launch/demo.sh --short   |   launch/demo.sh --out /tmp/demo --world 2
+# Arguments go to `zclip-dist demo`:  launch/demo.sh --short   |   launch/demo.sh --pilot   |   launch/demo.sh --world 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

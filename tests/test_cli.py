@@ -21,7 +21,8 @@ def test_help_lists_the_commands_as_a_subprocess():
 
 
 @pytest.mark.parametrize("command,phrases", [
-    ("demo", ["--short", "--spike-step", "corrupted", "gradient_clipping", "--log-interval", "--zclip-alpha"]),
+    ("demo", ["--short", "--spike-step", "corrupted", "gradient_clipping", "--log-interval", "--zclip-alpha",
+              "--fixed-clips", "--pilot", "--adagc-clip-ratio"]),
     ("replay", ["TRACE", "JSONL", "CSV", "TensorBoard", "grad-norm", "output_path/job_name", "--ds-config",
                 "--zclip-z-thresh", "--adagc-clip-ratio", "--adagc-max-grad-norm N|none", "--png", "header",
                 "--samples-per-step", "zclip-dist[plot]"]),
@@ -56,6 +57,8 @@ def _one_line_error(capsys, argv, match):
     (["demo", "--steps", "10", "--spike-step", "20"], "outside"),
     (["demo", "--zclip-z-thresh", "-1"], "z_thresh"),
     (["demo", "--bogus"], "unrecognized arguments"),
+    (["demo", "--fixed-clips", "1,-2"], "'1,-2' is not a comma-separated list of positive numbers"),
+    (["demo", "--adagc-clip-ratio", "0.5"], "adagc.clip_ratio = 0.5 is invalid"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(capsys, argv, match):

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from zclip_dist.demo.corpus import Corpus, generate_text
-from zclip_dist.demo.report import spike_events, summarize
+from zclip_dist.demo.report import pilot_summary, spike_events, summarize
 from zclip_dist.demo.settings import DemoSettings
 
 from .demo_run import short_demo
@@ -29,19 +29,37 @@ def _lines(path):
     return records
 
 
+RUNS = ("fixed-1", "fixed-2", "fixed-8", "zclip", "adagc")
+
+
+def _results(demo):
+    with open(demo["outputs"]["results"]) as f:
+        return json.load(f)
+
+
 def test_outputs_exist(demo):
     out = demo["outputs"]
-    for key in ("png", "table", "results", "fixed_jsonl", "zclip_jsonl", "zclip_ds_config", "fixed_ds_config"):
+    assert demo["settings"].runs == RUNS
+    for key in ("png", "table", "results") + tuple(f"{r}_{kind}" for r in RUNS for kind in ("jsonl", "ds_config")):
         assert os.path.getsize(out[key]) > 0, key
     with open(out["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_each_run_has_its_own_clipping_config(demo):
+    configs = {}
+    for r in RUNS:
+        with open(demo["outputs"][f"{r}_ds_config"]) as f:
+            configs[r] = json.load(f)
+    assert [configs[r]["gradient_clipping"] for r in RUNS] == [1.0, 2.0, 8.0, 8.0, 8.0]
+    assert [("zclip" in configs[r], "adagc" in configs[r]) for r in RUNS] == [(False, False)] * 3 + [(True, False), (False, True)]
+    assert configs["adagc"]["adagc"] == {"clip_ratio": 1.04, "beta": 0.99, "warmup_steps": 100}
+
+
 def test_zclip_clipped_the_injected_spike_and_fixed_clipping_did_not_avoid_it(demo):
-    with open(demo["outputs"]["results"]) as f:
-        results = json.load(f)
+    results = _results(demo)
     s = results["settings"]["spike_step"]
-    fixed, zclip = results["runs"]["fixed"], results["runs"]["zclip"]
+    fixed, zclip = results["runs"]["fixed-8"], results["runs"]["zclip"]
     # ZClip clipped the injected step far below the fixed ceiling.
     assert zclip["injected"]["clipped"] and zclip["injected"]["step"] == s
     assert zclip["injected"]["clipped_norm"] < 0.5 * results["settings"]["clip"]
@@ -54,9 +72,20 @@ def test_zclip_clipped_the_injected_spike_and_fixed_clipping_did_not_avoid_it(de
     assert fixed["steps_to_recover"] is None or fixed["steps_to_recover"] > zclip["steps_to_recover"]
 
 
+def test_tight_fixed_clips_bind_often_and_adagc_clips_the_injected_step_per_tensor(demo):
+    runs = _results(demo)["runs"]
+    # The pilot's typical norm is about 1.5: a clip of 1 binds on most steps, 2 on fewer, 8 almost never.
+    n = runs["fixed-1"]["steps"]
+    assert runs["fixed-1"]["steps_clipped"] > n / 2
+    assert runs["fixed-1"]["steps_clipped"] > runs["fixed-2"]["steps_clipped"] > runs["fixed-8"]["steps_clipped"]
+    assert runs["fixed-1"]["injected"]["clipped_norm"] == pytest.approx(1.0, rel=1e-4)
+    inj = runs["adagc"]["injected"]
+    assert inj["clipped"] and inj["clipped_tensors"] > 0 and inj["coef"] < 0.05 and inj["clipped_norm"] is None
+
+
 def test_jsonl_has_one_line_per_logged_step(demo):
     settings = demo["settings"]
-    for run in ("fixed", "zclip"):
+    for run in RUNS:
         lines = _lines(demo["outputs"][f"{run}_jsonl"])
         assert [r["step"] for r in lines] == list(range(settings.steps))
         assert all(r["run"] == run for r in lines)
@@ -72,7 +101,11 @@ def test_table_is_the_summary(demo):
     with open(demo["outputs"]["table"]) as f:
         text = f.read()
     assert text.strip() == demo["table"].strip()
-    assert "ZClip" in text and "steps clipped" in text and "wall time" in text
+    header = text.splitlines()[0]
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [
+        "fixed clip 1", "fixed clip 2", "fixed clip 8", "ZClip (cap 8)", "AdaGC (warmup clip 8)"]
+    for row in ("loss jump after step", "steps to recover", "steps clipped", "final loss", "best loss", "wall time"):
+        assert row in text
 
 
 def test_corpus_is_reproducible_from_the_seed():
@@ -89,7 +122,7 @@ def test_corpus_is_reproducible_from_the_seed():
 def test_spike_analysis_on_a_synthetic_curve():
     losses = [1.0] * 30 + [2.0, 1.6, 1.3, 1.1, 1.02] + [1.0] * 10
     assert spike_events(losses) == [30]
-    settings = DemoSettings(steps=len(losses), spike_step=29)
+    settings = DemoSettings(steps=len(losses), spike_step=29, adagc={"warmup_steps": 10})
     history = [{"loss": v, "grad_norm": 1.0, "coef": 1.0, "clipped": False} for v in losses]
     m = summarize(history, settings, 1.0)
     assert m["jump"] == pytest.approx(2.0) and m["steps_to_recover"] == 5 and m["loss_spikes"] == 1
@@ -98,5 +131,18 @@ def test_spike_analysis_on_a_synthetic_curve():
 def test_settings_refuse_a_spike_outside_the_run():
     with pytest.raises(ValueError, match="outside"):
         DemoSettings(steps=10, spike_step=10)
-    with pytest.raises(ValueError, match="warmup"):
-        DemoSettings(steps=100, spike_step=5)
+    with pytest.raises(ValueError, match="ZClip's warmup"):
+        DemoSettings(steps=200, spike_step=5)
+    with pytest.raises(ValueError, match="AdaGC's warmup"):
+        DemoSettings(steps=200, spike_step=80)
+    with pytest.raises(ValueError, match="fixed clips"):
+        DemoSettings(fixed_clips=(1.0, 0.0))
+
+
+def test_pilot_is_one_unclipped_run_and_reports_the_typical_norm():
+    settings = DemoSettings(pilot=True)
+    assert settings.runs == ("none",)
+    history = [{"grad_norm": 100.0}] * 25 + [{"grad_norm": float(v)} for v in range(1, 101)]
+    p = pilot_summary(history)  # the first 25 steps (ZClip's warmup, the loss falling fast) are left out
+    assert p["median"] == pytest.approx(50.5) and p["max"] == 100.0 and p["steps"] == 100
+    assert p["p90"] == pytest.approx(90.9)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -57,6 +58,16 @@ def _int_or_none(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer or 'none'") from None
 
 
+def _positive_floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive numbers")
+    return values
+
+
 _CHOICES = {"mode": MODES, "clip_option": CLIP_OPTIONS}
 
 
@@ -99,27 +110,29 @@ def _require(command: str, modules: Sequence[str], extra: str, hint: str = "") -
 
 # ---- demo ---------------------------------------------------------------------------------------
 DEMO_HELP = """\
-Train a small GPT with DeepSpeed twice from the same seed -- fixed clipping (gradient_clipping) vs
-ZClip -- on simulated ranks (gloo, CPU) or on this machine's GPUs (NCCL), with a corrupted batch
-injected on one rank at a known step; print a side-by-side table and write a PNG, JSONL metrics
-and results.json.
+Train a small GPT with DeepSpeed from the same seed with each fixed clip (gradient_clipping), ZClip
+and AdaGC, on simulated ranks (gloo, CPU) or on this machine's GPUs (NCCL), with a corrupted batch
+injected on one rank at a known step; print a side-by-side table and write a PNG, JSONL metrics and
+results.json.
 
 The spike: at --spike-step the batch of --spike-rank has every target replaced by one character and
 its loss weighted x100 (a broken loss mask or sample weight); the learning rate (3e-3, no decay) is
-aggressive for this model. Both runs have the same ceiling (--clip, DeepSpeed gradient_clipping; ZClip
-takes it as its cap), set about 5x above the typical norm as 1.0 is for LLM pretraining.
+aggressive for this model. ZClip and AdaGC run at their published defaults with --clip as their cap
+(DeepSpeed gradient_clipping, as a user who turns them on keeps the ceiling they had). The fixed
+clips (--fixed-clips) were set from --pilot, a run without clipping and without the injected batch
+that prints the typical norm.
 
-Outputs in --out: demo.png, table.md, results.json, fixed.jsonl, zclip.jsonl (one line per
---log-interval steps, after a header line with the run's settings), ds_config.fixed.json and
-ds_config.zclip.json. `zclip-dist replay OUT/zclip.jsonl` replays the ZClip run's decisions;
-`zclip-dist report OUT/zclip.jsonl` summarises it. Needs zclip-dist[demo]."""
+Outputs in --out: demo.png, table.md, results.json, <run>.jsonl (one line per --log-interval steps,
+after a header line with the run's settings) and ds_config.<run>.json per run (fixed-1, ..., zclip,
+adagc). `zclip-dist replay OUT/zclip.jsonl` replays the ZClip run's decisions; `zclip-dist report
+OUT/zclip.jsonl` summarises it. Needs zclip-dist[demo]."""
 
 
 def _add_demo(sub: Any) -> None:
     from .demo.settings import SHORT, DemoSettings
 
     d = DemoSettings()
-    p = sub.add_parser("demo", help="fixed clipping vs ZClip on a small GPT with an injected loss spike",
+    p = sub.add_parser("demo", help="fixed clips vs ZClip vs AdaGC on a small GPT with an injected loss spike",
                        description=DEMO_HELP, formatter_class=_Formatter)
     p.add_argument("--short", action="store_true",
                    help=f"CI mode: {SHORT['steps']} steps, spike at step {SHORT['spike_step']} (about a minute)")
@@ -129,7 +142,12 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--spike-rank", type=int, metavar="R", default=d.spike_rank, help="rank whose batch is corrupted (default %(default)s)")
     p.add_argument("--world", type=int, metavar="N", default=None,
                    help=f"ranks (default: {d.world} simulated CPU ranks, or one per GPU when GPUs are present)")
-    p.add_argument("--clip", type=float, metavar="X", default=d.clip, help="gradient_clipping of both runs, ZClip's cap (default %(default)s)")
+    p.add_argument("--fixed-clips", type=_positive_floats, metavar="X,Y,...", default=d.fixed_clips,
+                   help=f"gradient_clipping of the fixed runs (default {','.join(f'{c:g}' for c in d.fixed_clips)})")
+    p.add_argument("--clip", type=float, metavar="X", default=d.clip,
+                   help="gradient_clipping of the ZClip and AdaGC runs: their cap (default %(default)s)")
+    p.add_argument("--pilot", action="store_true",
+                   help="one run without clipping and without the injected batch: print the typical norm")
     p.add_argument("--lr", type=float, metavar="X", default=d.lr, help="AdamW learning rate (default %(default)s)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage, help="DeepSpeed ZeRO stage (default %(default)s)")
     p.add_argument("--seed", type=int, metavar="N", default=d.seed, help="seed of the corpus, the model and the batches (default %(default)s)")
@@ -138,6 +156,7 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_config_flags(p, ZClipConfig, "zclip", "ZClip settings of the ZClip run",
                       skip=("max_grad_norm", "nonfinite", "verify_every"))
+    _add_config_flags(p, AdaGCConfig, "adagc", "AdaGC settings of the AdaGC run", skip=("max_grad_norm", "nonfinite"))
     p.set_defaults(func=_run_demo)
 
 
@@ -152,16 +171,21 @@ def _run_demo(args: argparse.Namespace) -> int:
         demo.SHORT["spike_step"] if args.short else base.spike_step)
     world = args.world if args.world is not None else (gpu_count() or base.world)
     zclip = {**base.zclip, **_given(args, ZClipConfig, "zclip")}
+    adagc = {**base.adagc, **_given(args, AdaGCConfig, "adagc")}
     try:
         ZClipConfig.from_dict({**zclip, "max_grad_norm": args.clip})  # fail before starting ranks
+        AdaGCConfig.from_dict({**adagc, "max_grad_norm": args.clip})
         settings = base.replace(steps=steps, spike_step=spike, spike_rank=args.spike_rank, world=world,
-                                clip=args.clip, lr=args.lr, zero_stage=args.zero_stage, seed=args.seed,
+                                fixed_clips=args.fixed_clips, clip=args.clip, pilot=args.pilot, lr=args.lr,
+                                zero_stage=args.zero_stage, seed=args.seed,
                                 log_interval=args.log_interval, out=args.out, progress=not args.no_progress,
-                                zclip=zclip)
+                                zclip=zclip, adagc=adagc)
     except (ValueError, ConfigError) as e:
         raise UsageError(f"{PROG} demo: {e}") from None
+    what = ("pilot without clipping, nothing injected" if settings.pilot else
+            f"runs {', '.join(settings.runs)}, corrupted batch on rank {settings.spike_rank} at step {spike}")
     print(f"{PROG} demo: GPT on {world} {'GPU' if gpu_count() else 'simulated CPU'} ranks, {steps} steps per run, "
-          f"corrupted batch on rank {settings.spike_rank} at step {spike}", file=sys.stderr)
+          f"{what}", file=sys.stderr)
     start = time.perf_counter()
     result = demo.run(settings)
     print(result["table"])
@@ -304,8 +328,8 @@ def _run_report(args: argparse.Namespace) -> int:
 MAIN_HELP = """\
 ZClip adaptive gradient clipping for DeepSpeed, Megatron and PyTorch, exact under TP/PP/DP/EP.
 
-  zclip-dist demo            fixed clipping vs ZClip on a small GPT with an injected loss spike
-  zclip-dist demo --short    the same in about a minute (CI)
+  zclip-dist demo            fixed clips vs ZClip vs AdaGC on a small GPT with an injected loss spike
+  zclip-dist demo --short    the same, shorter (CI)
   zclip-dist replay TRACE    what ZClip / AdaGC-global would clip on a logged gradient-norm trace
   zclip-dist report METRICS  a short report of a run: clipped share, spikes, non-finite steps, threshold
 

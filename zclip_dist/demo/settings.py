@@ -1,14 +1,24 @@
-"""The demo's scenario in one place: model size, data, optimizer, the injected spike, both clipping setups."""
+"""The demo's scenario in one place: model size, data, optimizer, the injected spike, the clipping runs."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-__all__ = ["DemoSettings", "RUNS", "SHORT"]
+__all__ = ["DemoSettings", "ADAPTIVE", "SHORT", "fixed_run", "fixed_clip"]
 
-#: The two runs, in the order they train: a fixed ceiling (DeepSpeed ``gradient_clipping``) vs ZClip.
-RUNS = ("fixed", "zclip")
+#: The adaptive runs, after the fixed ones: DeepSpeed config entries ``"zclip"`` and ``"adagc"``.
+ADAPTIVE = ("zclip", "adagc")
+
+
+def fixed_run(clip: float) -> str:
+    """Run name of a fixed clip: ``fixed-8``; ``none`` for the pilot without clipping."""
+    return f"fixed-{clip:g}" if clip > 0 else "none"
+
+
+def fixed_clip(run: str) -> float:
+    """DeepSpeed ``gradient_clipping`` of a fixed run (0: off)."""
+    return 0.0 if run == "none" else float(run.removeprefix("fixed-"))
 
 
 @dataclass(frozen=True)
@@ -18,10 +28,13 @@ class DemoSettings:
     The spike: at optimizer step ``spike_step`` (0-based) the batch of rank ``spike_rank`` is replaced by a
     corrupted one -- every target is the same character and its loss is weighted ``spike_weight`` times,
     as a broken loss mask or sample weight would do. Its gradient norm is hundreds of times the usual one.
-    Both runs use the same ceiling ``clip`` (DeepSpeed ``gradient_clipping``; ZClip takes it as its cap),
-    set about 5x above the typical norm -- where 1.0 sits for LLM pretraining, whose norms are 0.1-0.3 --
-    so the fixed clip lets the corrupted step through at full ceiling; the learning rate is aggressive for
-    this model (3e-3, no decay), which makes it fragile.
+    The runs: one per fixed clip in ``fixed_clips`` (DeepSpeed ``gradient_clipping``), then ZClip and
+    AdaGC at their published defaults with ``clip`` as their cap (``gradient_clipping``, as a user who
+    turns them on keeps the ceiling they had). The fixed clips were set from the pilot run without
+    clipping (``pilot=True``: no injected batch, ``gradient_clipping`` 0), whose typical norm is about
+    1.5: 1.0 and 2.0 are tight (about the typical norm, as 1.0 is early in LLM pretraining), 8.0 is
+    loose (about 5x, as 1.0 is late in LLM pretraining, whose norms fall to 0.1-0.3). The learning rate
+    is aggressive for this model (3e-3, no decay), which makes it fragile.
     """
 
     steps: int = 500
@@ -44,23 +57,38 @@ class DemoSettings:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.1
     zero_stage: int = 1
+    fixed_clips: tuple[float, ...] = (1.0, 2.0, 8.0)
     clip: float = 8.0
     zclip: dict[str, Any] = field(default_factory=lambda: {"alpha": 0.97, "z_thresh": 2.5, "warmup_steps": 25})
+    adagc: dict[str, Any] = field(default_factory=lambda: {"clip_ratio": 1.04, "beta": 0.99, "warmup_steps": 100})
+    pilot: bool = False
     # outputs
     log_interval: int = 1
     out: str = "out/demo"
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ValueError(f"log interval must be >= 1, got {self.log_interval}")
+        if any(c <= 0 for c in self.fixed_clips):
+            raise ValueError(f"fixed clips {self.fixed_clips} are invalid: allowed positive numbers")
+        if self.pilot:  # nothing is injected
+            return
         if not 0 <= self.spike_step < self.steps:
             raise ValueError(f"spike step {self.spike_step} is outside the run's steps 0..{self.steps - 1}")
         if not 0 <= self.spike_rank < self.world:
             raise ValueError(f"spike rank {self.spike_rank} is outside ranks 0..{self.world - 1}")
-        if self.log_interval < 1:
-            raise ValueError(f"log interval must be >= 1, got {self.log_interval}")
-        if self.spike_step <= self.zclip.get("warmup_steps", 25):
-            raise ValueError(f"spike step {self.spike_step} falls inside ZClip's warmup "
-                             f"({self.zclip.get('warmup_steps', 25)} steps); inject it later")
+        for name, cfg, default in (("ZClip", self.zclip, 25), ("AdaGC", self.adagc, 100)):
+            if self.spike_step <= cfg.get("warmup_steps", default):
+                raise ValueError(f"spike step {self.spike_step} falls inside {name}'s warmup "
+                                 f"({cfg.get('warmup_steps', default)} steps); inject it later")
+
+    @property
+    def runs(self) -> tuple[str, ...]:
+        """Run names in training order; the pilot is the one run ``none``."""
+        if self.pilot:
+            return ("none",)
+        return tuple(fixed_run(c) for c in self.fixed_clips) + ADAPTIVE
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

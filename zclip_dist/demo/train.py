@@ -1,9 +1,9 @@
 """One rank of the demo: build the DeepSpeed engine, train, record every step, write JSONL on rank 0.
 
-Both runs train inside the same ranks one after the other (one process-group start-up for both), from
-the same seed, on the same batches; only the clipping differs. The ZClip run goes through
-``zclip_dist.deepspeed.initialize`` with a ``"zclip"`` config entry; the fixed run through plain
-``deepspeed.initialize`` with ``gradient_clipping``.
+All runs train inside the same ranks one after the other (one process-group start-up for all), from
+the same seed, on the same batches; only the clipping differs. The ZClip and AdaGC runs go through
+``zclip_dist.deepspeed.initialize`` with a ``"zclip"`` / ``"adagc"`` config entry; the fixed runs
+through plain ``deepspeed.initialize`` with ``gradient_clipping``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ..metrics import JsonlSink, config_header, header
 from .corpus import VOCAB_SIZE, Corpus
 from .model import GPT, GPTConfig
-from .settings import RUNS, DemoSettings
+from .settings import ADAPTIVE, DemoSettings, fixed_clip
 
 __all__ = ["ds_config", "train_run", "rank_main"]
 
@@ -30,13 +30,13 @@ def ds_config(settings: DemoSettings, run: str) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": settings.micro_batch,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": settings.clip,
+        "gradient_clipping": settings.clip if run in ADAPTIVE else fixed_clip(run),
         "zero_optimization": {"stage": settings.zero_stage},
         "steps_per_print": 10**9,  # the demo prints its own progress
         "wall_clock_breakdown": False,
     }
-    if run == "zclip":
-        cfg["zclip"] = dict(settings.zclip)  # no max_grad_norm: gradient_clipping is the cap
+    if run in ADAPTIVE:  # no max_grad_norm: gradient_clipping is the cap (AdaGC: its warmup clip)
+        cfg[run] = dict(getattr(settings, run))
     return cfg
 
 
@@ -51,22 +51,27 @@ def _build(settings: DemoSettings, run: str):
     # A torch optimizer: DeepSpeed's own AdamW would JIT-compile a C++ op on CPU.
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
                                   weight_decay=settings.weight_decay)
-    init = zclip_deepspeed.initialize if run == "zclip" else deepspeed.initialize
+    init = zclip_deepspeed.initialize if run in ADAPTIVE else deepspeed.initialize
     engine, *_ = init(model=model, optimizer=optimizer, config=ds_config(settings, run))
     return engine
 
 
 def _step_record(engine: Any, settings: DemoSettings, run: str, step: int, loss: float) -> dict[str, Any]:
-    zclip = getattr(engine, "_zclip", None)
-    if zclip is not None:
-        m = zclip.metrics()
+    hook = getattr(engine, "_zclip", None)  # ZClip or AdaGC
+    if run == "zclip":
+        m = hook.metrics()
         record = {"grad_norm": m["grad_norm"], "threshold": m["threshold"], "coef": m["coef"],
                   "clipped": m["clipped"], "spike": m["spike"], "mean": m["mean"], "std": m["std"],
                   "z": m["z"], "warmup": m["warmup"]}
+    elif run == "adagc":  # one coefficient per tensor: the smallest stands for the step
+        m = hook.metrics()
+        record = {"grad_norm": m["grad_norm"], "coef": m["min_coef"], "clipped": m["num_clipped_tensors"] > 0,
+                  "clipped_tensors": m["num_clipped_tensors"], "warmup": m["warmup"]}
     else:
         norm = float(engine.get_global_grad_norm())
-        coef = min(1.0, settings.clip / (norm + 1e-6))  # DeepSpeed's own rule
-        record = {"grad_norm": norm, "threshold": settings.clip, "coef": coef, "clipped": coef < 1.0}
+        clip = fixed_clip(run)
+        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0  # DeepSpeed's own rule; 0 is off
+        record = {"grad_norm": norm, "threshold": clip if clip > 0 else None, "coef": coef, "clipped": coef < 1.0}
     return {"run": run, "step": step, "loss": loss, **record}
 
 
@@ -88,12 +93,12 @@ def train_run(settings: DemoSettings, run: str, corpus: Corpus) -> dict[str, Any
     if rank == 0 and settings.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=settings.steps, desc=f"{run:>5}", unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=settings.steps, desc=f"{run:>7}", unit="step", file=sys.stderr, dynamic_ncols=True)
     dist.barrier()
     start = time.perf_counter()
     for step in range(settings.steps):
         x, y = corpus.batch(step, rank, settings.micro_batch, settings.context)
-        corrupted = step == settings.spike_step and rank == settings.spike_rank
+        corrupted = not settings.pilot and step == settings.spike_step and rank == settings.spike_rank
         if corrupted:
             y = torch.full_like(y, SPIKE_TARGET)
         loss = engine(x.to(device), y.to(device))
@@ -121,7 +126,7 @@ def train_run(settings: DemoSettings, run: str, corpus: Corpus) -> dict[str, Any
 
 
 def rank_main(settings: DemoSettings) -> dict[str, Any]:
-    """Both runs in this (already initialised) rank; rank 0 returns ``{run: result}``."""
+    """Every run in this (already initialised) rank; rank 0 returns ``{run: result}``."""
     torch.set_num_threads(1)
     corpus = Corpus(settings.seed, settings.corpus_chars, settings.corpus_words, settings.corpus_fanout)
-    return {run: train_run(settings, run, corpus) for run in RUNS}
+    return {run: train_run(settings, run, corpus) for run in settings.runs}
