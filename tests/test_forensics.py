@@ -160,14 +160,16 @@ def test_jsonl_events_field_and_format(tmp_path):
     path = tmp_path / "m.jsonl"
     zc = ZClip(**fm.CFG, log_jsonl=str(path), log_interval=4)
     shares = _net_steps(zc, 20, spike_at=13, sync_free=False)  # log steps read the metrics
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["method"] == "zclip" and "call" not in lines[0]  # the settings header comes first
+    records = lines[1:]
     with_events = [r for r in records if "events" in r]
     assert len(records) == 5 and len(with_events) == 1 and with_events[0]["step"] == 16
     (event,) = with_events[0]["events"]
     assert event["step"] == 14 and event["params"][0]["name"] == fm.SPIKE_PARAM
     assert math.isclose(event["params"][0]["share"], shares[fm.SPIKE_PARAM], rel_tol=1e-4)
     json.dumps(event, allow_nan=False)  # strict JSON
-    text = format_events(records)
+    text = format_events(lines)  # the header line is not an event
     assert "1 event(s)" in text and "clipped+spike" in text and f"{fm.SPIKE_PARAM} " in text
 
 

@@ -128,11 +128,14 @@ def test_replay_reproduces_the_decisions_of_a_deepspeed_run(tmp_path, capsys):
     assert "the same at every step" in printed
     assert f"step {short_demo()['settings'].spike_step:>8}:" in printed
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
-    # the fixed run's header carries its cap, which ZClip and AdaGC then take
-    fixed = read_trace(out["fixed_jsonl"])
-    s = resolve_settings(fixed)
-    assert fixed.header["method"] == "fixed"
-    assert s.zclip.max_grad_norm == s.adagc.max_grad_norm == short_demo()["settings"].clip
+    # each fixed run's header carries its own cap, which ZClip and AdaGC then take
+    from zclip_dist.demo.settings import fixed_run
+
+    for clip in short_demo()["settings"].fixed_clips:
+        fixed = read_trace(out[f"{fixed_run(clip)}_jsonl"])
+        s = resolve_settings(fixed)
+        assert fixed.header["method"] == "fixed"
+        assert s.zclip.max_grad_norm == s.adagc.max_grad_norm == clip
 
 
 # ---- what the engines write -----------------------------------------------------------------------

@@ -86,7 +86,7 @@ def train_run(settings: DemoSettings, run: str, corpus: Corpus) -> dict[str, Any
     sink = None
     if rank == 0:
         zclip = getattr(engine, "_zclip", None)  # the header: the settings replay needs to reproduce the run
-        head = config_header(zclip.config) if zclip is not None else header("fixed", {"max_grad_norm": settings.clip})
+        head = config_header(zclip.config) if zclip is not None else header("fixed", {"max_grad_norm": fixed_clip(run)})
         sink = JsonlSink(os.path.join(settings.out, f"{run}.jsonl"), header=head)
     history: list[dict[str, Any]] = []
     bar = None
