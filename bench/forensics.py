@@ -1,7 +1,7 @@
 """What spike forensics costs on ordinary steps: ``python -m bench.forensics [--quick] [--out DIR]``.
 
-Two measurements, each against anchors timed in the same run, variants interleaved round by round so
-that drift of a shared machine hits them alike:
+Three measurements, each against anchors timed in the same run, the variants called in turn so that
+drift of a shared machine hits them alike (the overhead is the median of the paired differences):
 
 1. **clip phase** (one process): ``ZClip(forensics=False).step`` vs ``ZClip().step`` (parameter
    attribution: the per-tensor squares ride in the norm's all-reduce, a top-k and a dozen scalar kernels
@@ -9,10 +9,14 @@ that drift of a shared machine hits them alike:
 2. **training step** (DDP on 2 gloo ranks): forward + backward + clip + SGD step of an MLP stack, with
    ZClip without forensics (the anchor), with parameter attribution, and with parameter and replica
    attribution (the comm hook reads each bucket once more before its all-reduce). The overhead is given
-   in % of the anchor's step time, the number the ``replicas`` default is decided on (< 1%). Step times
-   are the minimum over rounds of each round's median (a shared machine only ever adds time). The extra
-   read is also timed alone (``extra_read_ms``: the squared norm of a gradient-sized buffer), a number
-   that does not drown in the step's noise.
+   in % of the anchor's step time, the number the ``replicas`` default is decided on (< 1%).
+3. **the norm's all-reduce** (2 gloo ranks): one float (forensics off) against the vector that carries
+   the per-tensor squares and the replica slots.
+
+Times are CPU time of the calling thread (``time.thread_time``), where forward, backward (CPU autograd
+runs on the calling thread), the comm hook and the clip run; waiting for gloo's threads and time the
+scheduler gives to other processes are left out, so a loaded machine does not drown a 1% difference.
+The extra read is also timed alone (``extra_read_ms``: the squared norm of a gradient-sized buffer).
 """
 
 from __future__ import annotations
@@ -29,70 +33,128 @@ from torch import nn
 
 from zclip_dist import ZClip
 
-from .common import machine, make_grads, median_time
+from .common import machine, make_grads
 
 VARIANTS = {"no forensics": dict(forensics=False), "parameters": dict(forensics={"replicas": False}),
-            "parameters + replicas": dict(forensics=True)}
+            "parameters + replicas": dict(forensics={"replicas": True})}
+
+
+def cpu_median(fn, repeats: int, warmup: int = 2) -> float:
+    """Median CPU time of ``fn`` on this thread, in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t0)
+    return statistics.median(times)
 
 
 def clip_phase(quick: bool) -> list[dict]:
+    """The two clippers called in turn on the same gradients; overhead = median paired difference."""
     rows = []
     for tensors in (50, 500):
         params = make_grads(10_000_000, tensors, torch.float32, torch.device("cpu"))
         clippers = {name: ZClip(max_grad_norm=None, warmup_steps=2, **kw) for name, kw in list(VARIANTS.items())[:2]}
         times: dict[str, list[float]] = {name: [] for name in clippers}
-        for _ in range(3 if quick else 7):
+        for i in range((20 if quick else 100) + 3):
             for name, zc in clippers.items():
-                times[name].append(median_time(lambda: zc.step(params), torch.device("cpu"), repeats=5))
+                t0 = time.thread_time()
+                zc.step(params)
+                if i >= 3:
+                    times[name].append(time.thread_time() - t0)
         base = statistics.median(times["no forensics"])
         for name, t in times.items():
-            t = statistics.median(t)
-            rows.append({"params": 10_000_000, "tensors": tensors, "variant": name, "median_ms": 1e3 * t,
-                         "ratio": t / base})
+            diff = statistics.median(v - b for v, b in zip(t, times["no forensics"]))
+            rows.append({"params": 10_000_000, "tensors": tensors, "variant": name, "median_ms": 1e3 * (base + diff),
+                         "extra_us": 1e6 * diff, "ratio": 1 + diff / base})
     return rows
 
 
-def _ddp_worker(rank: int, world: int, layers: int, width: int, tokens: int, steps: int, rounds: int) -> dict:
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    times["extra read"] = []
+#: Controls for the DDP step: the anchor again (measures the method's bias: should be ~0) and DDP's
+#: own all-reduce as a Python comm hook without forensics (the part of the replica cost that any
+#: Python comm hook pays, measurement or not).
+CONTROLS = {"control: no forensics again": dict(forensics=False),
+            "control: Python allreduce_hook, no forensics": dict(forensics=False)}
+
+
+def _ddp_worker(rank: int, world: int, layers: int, width: int, tokens: int, steps: int, repeats: int) -> dict:
+    """One DDP model per variant, stepped in turn (in a shuffled order each time, the same on every rank):
+    each variant's step is timed next to the anchor's, so drift cancels in the paired differences."""
+    import random
+
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
     x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(rank))
+    runs = {}
+    for name, kw in {**VARIANTS, **CONTROLS}.items():
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(
+            nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.GELU())]))
+        zc = ZClip(warmup_steps=3, **kw)
+        zc.attach(model)
+        if "allreduce_hook" in name:
+            model.register_comm_hook(model.process_group, allreduce_hook)
+        runs[name] = (model, torch.optim.SGD(model.parameters(), lr=1e-4), zc)
+
+    def step(name: str) -> float:
+        model, opt, zc = runs[name]
+        t0 = time.thread_time()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        zc.step(model)
+        opt.step()
+        return time.thread_time() - t0
+
+    for _ in range(3):
+        for name in runs:
+            step(name)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order, shuffle = list(runs), random.Random(0).shuffle  # same seed on every rank: same collectives
+    for _ in range(steps):
+        shuffle(order)
+        for name in order:
+            times[name].append(step(name))
     flat = torch.randn(layers * (width * width + width))
-    for _ in range(rounds):
-        for name, kw in VARIANTS.items():
-            torch.manual_seed(0)
-            model = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.GELU())])
-            model = nn.parallel.DistributedDataParallel(model)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-            zc = ZClip(warmup_steps=3, **kw)
-            zc.attach(model)
-            step_times = []
-            for i in range(steps + 3):
-                torch.distributed.barrier()
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                model(x).square().mean().backward()
-                zc.step(model)
-                opt.step()
-                if i >= 3:
-                    step_times.append(time.perf_counter() - t0)
-            times[name].append(statistics.median(step_times))
-        times["extra read"].append(median_time(lambda: torch.linalg.vector_norm(flat, dtype=torch.float32).square(),
-                                               torch.device("cpu"), repeats=10))
+    times["extra read"] = [cpu_median(lambda: torch.linalg.vector_norm(flat, dtype=torch.float32).square(),
+                                      repeats=repeats)]
+    for n in ALL_REDUCE_SIZES:  # wall time: the collective waits on the other rank and gloo's threads
+        buf = torch.zeros(n)
+        walls = []
+        for _ in range(repeats):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                torch.distributed.all_reduce(buf)
+            walls.append((time.perf_counter() - t0) / 20)
+        times[f"all_reduce {n}"] = [min(walls)]
     return times
 
 
-def ddp_step(quick: bool, layers: int, width: int, tokens: int) -> list[dict]:
+#: The norm's all-reduce: one scalar; 500 tensors; + 2,048 replica slots; 8,192 floats.
+ALL_REDUCE_SIZES = (1, 500, 2548, 8192)
+
+
+def ddp_step(quick: bool, layers: int, width: int, tokens: int) -> tuple[list[dict], list[dict]]:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tests.distributed import run_ranks  # the tests' gloo harness, reused
 
-    results = run_ranks(_ddp_worker, 2, layers, width, tokens, 5 if quick else 10, 2 if quick else 4)
-    times = {name: min(min(r[name]) for r in results) for name in VARIANTS}
-    base = times["no forensics"]
-    read = statistics.median(t for r in results for t in r["extra read"])
-    return [{"ranks": 2, "params": layers * (width * width + width), "tokens_per_rank": tokens, "variant": name,
-             "step_ms": 1e3 * t, "overhead_pct": 100 * (t / base - 1),
-             **({"extra_read_ms": 1e3 * read, "extra_read_pct": 100 * read / base} if "replicas" in name else {})}
-            for name, t in times.items()]
+    results = run_ranks(_ddp_worker, 2, layers, width, tokens, 40 if quick else 200, 10 if quick else 40,
+                        timeout=3600)
+    base = statistics.median(t for r in results for t in r["no forensics"])
+    read = statistics.median(r["extra read"][0] for r in results)
+    steps = []
+    for name in {**VARIANTS, **CONTROLS}:
+        # the median of the paired differences (same step index, same rank) over the anchor's median
+        diff = statistics.median(v - b for r in results for v, b in zip(r[name], r["no forensics"]))
+        steps.append({"ranks": 2, "params": layers * (width * width + width), "tokens_per_rank": tokens,
+                      "variant": name, "step_ms": 1e3 * (base + diff), "overhead_pct": 100 * diff / base,
+                      **({"extra_read_ms": 1e3 * read, "extra_read_pct": 100 * read / base} if "replicas" in name
+                         else {})})
+    walls = {n: min(r[f"all_reduce {n}"][0] for r in results) for n in ALL_REDUCE_SIZES}
+    reduces = [{"floats": n, "all_reduce_us": 1e6 * w, "ratio_vs_scalar": w / walls[1]} for n, w in walls.items()]
+    return steps, reduces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,20 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=256, help="rows per rank per step")
+    parser.add_argument("--skip-clip-phase", action="store_true", help="only the DDP step and the all-reduce")
     parser.add_argument("--out", default=None, help="write the JSON and markdown here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "python -m bench.forensics " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"machine": machine(), "command": command.strip()}
-    result["clip_phase"] = clip_phase(args.quick)
-    result["ddp_step"] = ddp_step(args.quick, args.layers, args.width, args.tokens)
+    result["clip_phase"] = [] if args.skip_clip_phase else clip_phase(args.quick)
+    result["ddp_step"], result["all_reduce"] = ddp_step(args.quick, args.layers, args.width, args.tokens)
     from .__main__ import table
 
     text = "\n\n".join(["## clip phase, one process (ratio vs no forensics)",
-                        table(result["clip_phase"], ["params", "tensors", "variant", "median_ms", "ratio"]),
+                        table(result["clip_phase"], ["params", "tensors", "variant", "median_ms", "extra_us", "ratio"]),
                         "## DDP training step, 2 gloo ranks (overhead vs no forensics)",
                         table(result["ddp_step"], ["ranks", "params", "tokens_per_rank", "variant", "step_ms",
-                                                   "overhead_pct", "extra_read_ms", "extra_read_pct"])])
+                                                   "overhead_pct", "extra_read_ms", "extra_read_pct"]),
+                        "## gloo all-reduce, 2 ranks, wall time (the norm's collective with the squares in it)",
+                        table(result["all_reduce"], ["floats", "all_reduce_us", "ratio_vs_scalar"])])
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -50,7 +50,7 @@ def main() -> None:
             suspicious.append((event.step, recent_ids.get(event.step, [])))
 
     zclip = ZClip(alpha=0.97, z_thresh=2.5, max_grad_norm=None, warmup_steps=20,
-                  forensics={"top_k": 3, "read_every": 10}, on_event=on_event,
+                  forensics={"top_k": 3, "replicas": True, "read_every": 10}, on_event=on_event,
                   log_jsonl=LOG, log_interval=10)
     zclip.attach(model)  # before the first backward: replica attribution from step 1
 

@@ -45,7 +45,7 @@ def _train(rank: int, world: int, layout: str, spike_replica: int, nan_replica: 
             fully_shard(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.02)
     seen: list[Event] = []
-    zc = ZClip(**fm.CFG, topology=topology, on_event=seen.append)
+    zc = ZClip(**fm.CFG, topology=topology, forensics={"replicas": True}, on_event=seen.append)
     zc.attach(net)  # before the first backward: every step is measured
     out = {"host_reads": 0, "norms": [], "params": {}}
     for step in range(fm.STEPS):

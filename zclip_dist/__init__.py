@@ -12,12 +12,12 @@ from typing import Any
 
 from ._version import __version__
 from .clipper import Clipper
-from .config import AdaGCConfig, ConfigError, ZClipConfig
+from .config import AdaGCConfig, ConfigError, ForensicsConfig, ZClipConfig
 from .pytorch import AdaGC, ZClip
 from .topology import Topology
 
-__all__ = ["ZClip", "AdaGC", "AdaGCConfig", "ZClipConfig", "ConfigError", "Clipper", "Topology", "ZClipLightningCallback",
-           "__version__"]
+__all__ = ["ZClip", "AdaGC", "AdaGCConfig", "ZClipConfig", "ForensicsConfig", "ConfigError", "Clipper", "Topology",
+           "ZClipLightningCallback", "__version__"]
 
 # Optional front ends: importing them needs their engine, so they load on first use only.
 _LAZY_SUBMODULES = ("deepspeed", "megatron", "lightning")

@@ -236,7 +236,9 @@ class ForensicsConfig(_FromDict):
         top_k: parameters named per event, by share of the squared global norm; 0 turns forensics off.
         replicas: also name the data-parallel replicas, by share of the sum of their squared gradient
             norms before the data-parallel reduction (a DDP comm hook or an FSDP2 reduce-scatter
-            wrapper measures them: one extra read of each gradient, during backward).
+            wrapper measures them: one extra read of each gradient, during backward). Off by default:
+            measured at 1-2% of a small CPU training step (bench/forensics.py), above the 1% allowed
+            for a default.
         top_replicas: replicas named per event.
         events: which steps are events: any of "clipped", "spike", "nonfinite" (AdaGC: a tensor clipped).
         capacity: events held on the device between two reads; older ones are dropped and counted.
@@ -245,7 +247,7 @@ class ForensicsConfig(_FromDict):
     """
 
     top_k: int = 3
-    replicas: bool = True
+    replicas: bool = False
     top_replicas: int = 2
     events: tuple[str, ...] = EVENT_KINDS
     capacity: int = 64

@@ -3,7 +3,7 @@
 Every optimizer step the clipper hands :meth:`EventRecorder.record` its decision and the attribution
 vectors. Whether the step is an event is a device tensor, so the row is *always* computed and written
 with ``torch.where(is_event, row, old)`` at position ``count % capacity``, and ``count`` advances by
-``is_event``: a dozen small kernels, no branch on a value, no transfer. The buffer goes to the host in one
+``is_event``: a few dozen small kernels, no branch on a value, no transfer. The buffer goes to the host in one
 transfer only at a read: on rank 0 at each JSON-lines log step (which reads the metrics anyway), every
 ``read_every`` steps on every rank, and on ``events()``. A read decodes the new rows into
 :class:`~zclip_dist.forensics.Event` objects and hands each to ``on_event``, once. More than ``capacity``
@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from .config import ForensicsConfig
-from .replicas import ReplicaMeter, replica_ranks
-from .topology import Topology
 from .forensics import (KIND_BITS, NONFINITE, Event, NameIndex, ReplicaShare, Share, by_name, event_flags,
                         kind_weights, name_index, top_shares)
+from .replicas import ReplicaMeter, replica_ranks
+from .topology import Topology
 
 __all__ = ["EventRecorder", "Forensics"]
 
