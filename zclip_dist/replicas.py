@@ -131,7 +131,11 @@ class ReplicaMeter:
         if fsdp:
             comm = _metered_reduce_scatter(self)
             for m in fsdp:
-                m.set_custom_reduce_scatter(comm)
+                try:
+                    m.set_custom_reduce_scatter(comm)
+                except ValueError as err:  # several parameter groups (per-parameter meshes) in one module
+                    raise RuntimeError(f"zclip_dist forensics: cannot measure this FSDP2 module's replicas ({err}); "
+                                       "turn replica attribution off with forensics={'replicas': False}") from err
             self.attached = "fsdp2"
             return True
         return False
