@@ -85,11 +85,12 @@ def test_cli_from_the_wheel_in_a_fresh_venv_without_extras(wheel, tmp_path):
         "from zclip_dist import ZClip\n"
         "torch.manual_seed(0)\n"
         "m = nn.Linear(4, 1)\n"
-        "zc = ZClip(warmup_steps=10, max_grad_norm=5.0, log_jsonl='run.jsonl')\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.01)\n"
+        "zc = ZClip(warmup_steps=10, max_grad_norm=5.0, log_jsonl='run.jsonl', optimizer=opt)\n"
         "for t in range(80):\n"
         "    x = torch.randn(8, 4) * (30.0 if t == 50 else 1.0)\n"
         "    if t == 60: x[0, 0] = float('nan')\n"
-        "    m.zero_grad(); m(x).pow(2).mean().backward(); zc.step(m)\n"
+        "    m.zero_grad(); m(x).pow(2).mean().backward(); zc.step(m); opt.step()\n"
     )
     done = _run([py, "-c", script], env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
