@@ -23,6 +23,8 @@ def test_help_lists_the_commands_as_a_subprocess():
 @pytest.mark.parametrize("command,phrases", [
     ("demo", ["--short", "--spike-step", "corrupted", "gradient_clipping", "--log-interval", "--zclip-alpha",
               "--fixed-clips", "--pilot", "--adagc-clip-ratio"]),
+    ("sweep", ["--short", "--pilot", "--lrs", "--seeds", "--methods", "--tight-clip", "--loose-clip", "--size",
+               "--device", "--jobs", "unigram", "--size large"]),
     ("replay", ["TRACE", "JSONL", "CSV", "TensorBoard", "grad-norm", "--ds-config", "--zclip-z-thresh",
                 "--adagc-clip-ratio", "--png"]),
 ])

@@ -96,6 +96,20 @@ def test_each_method_clips_as_configured():
     assert runs["adagc"]["clipped"][0] == runs["fixed-loose"]["clipped"][0]
 
 
+def test_a_stopped_sweep_resumes_from_its_saved_runs(tmp_path, monkeypatch):
+    from zclip_dist.demo import sweep
+
+    settings = SweepSettings(lrs=(3e-3,), methods=("none", "zclip"), seeds=(0,), steps=20, out=str(tmp_path))
+    first = sweep.run_cells(settings, progress=False)
+    trained = []
+    real = sweep.train_cell
+    monkeypatch.setattr(sweep, "train_cell", lambda *a, **k: trained.append(a[1:4]) or real(*a, **k))
+    assert sweep.run_cells(settings.replace(methods=("none", "zclip", "adagc")), progress=False)[:2] == first
+    assert trained == [(3e-3, "adagc", 0)]  # only the new cell trains
+    sweep.run_cells(settings.replace(steps=21), progress=False)  # other settings: nothing is reused
+    assert trained[1:] == [(3e-3, "none", 0), (3e-3, "zclip", 0)]
+
+
 def test_summaries_count_spikes_and_divergence():
     collapse = 2.0
     calm = {"lr": 1.0, "method": "none", "seed": 0, "loss": [1.0] * 40, "grad_norm": [1.0] * 40,
