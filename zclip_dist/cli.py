@@ -126,7 +126,7 @@ def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="fixed clips vs ZClip vs AdaGC on a small GPT with an injected loss spike",
                        description=DEMO_HELP, formatter_class=_Formatter)
     p.add_argument("--short", action="store_true",
-                   help=f"CI mode: {SHORT['steps']} steps, spike at step {SHORT['spike_step']} (about a minute)")
+                   help=f"CI mode: {SHORT['steps']} steps, spike at step {SHORT['spike_step']} (75 s on 2 idle cores)")
     p.add_argument("--steps", type=int, metavar="N", default=None, help=f"optimizer steps per run (default {d.steps})")
     p.add_argument("--spike-step", type=int, metavar="N", default=None,
                    help=f"0-based step whose batch is corrupted (default {d.spike_step})")
@@ -197,8 +197,10 @@ its final loss is no better than predicting characters by their frequency (the c
 entropy). A loss spike: a step whose loss exceeds 1.4x the mean of the previous 10.
 
 Outputs in --out: table.md, sweep.png (heat map), curves.png (loss per step of the first seed),
-results.json (settings, per-run and per-cell numbers), traces.json (per-step loss, norm, clipped).
-On a GPU: --device cuda --size large (a 6-layer, d=384 GPT, context 256, 5,000 steps)."""
+results.json (settings, per-run and per-cell numbers, the machine), traces.json (per-step loss, norm,
+clipped) and runs/ (each finished run: a stopped sweep started again reuses them).
+On a GPU: --device cuda --size large (a 6-layer, d=384 GPT, context 256, 5,000 steps); first run its
+own --pilot and give --tight-clip and --loose-clip from the norm it prints."""
 
 
 def _ints(text: str) -> tuple[int, ...]:
