@@ -27,6 +27,8 @@ def test_help_lists_the_commands_as_a_subprocess():
                 "--zclip-z-thresh", "--adagc-clip-ratio", "--adagc-max-grad-norm N|none", "--png", "header",
                 "--samples-per-step", "zclip-dist[plot]"]),
     ("report", ["METRICS", "spikes", "non-finite", "regime shifts", "threshold", "--top", "Train/zclip/*"]),
+    ("sweep", ["--short", "--pilot", "--lrs", "--seeds", "--methods", "--tight-clip", "--loose-clip", "--size",
+               "--device", "--jobs", "unigram", "--size large"]),
 ])
 def test_every_subcommand_has_complete_help(capsys, command, phrases):
     with pytest.raises(SystemExit) as done:

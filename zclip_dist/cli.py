@@ -135,7 +135,7 @@ def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="fixed clips vs ZClip vs AdaGC on a small GPT with an injected loss spike",
                        description=DEMO_HELP, formatter_class=_Formatter)
     p.add_argument("--short", action="store_true",
-                   help=f"CI mode: {SHORT['steps']} steps, spike at step {SHORT['spike_step']} (about a minute)")
+                   help=f"CI mode: {SHORT['steps']} steps, spike at step {SHORT['spike_step']} (75 s on 2 idle cores)")
     p.add_argument("--steps", type=int, metavar="N", default=None, help=f"optimizer steps per run (default {d.steps})")
     p.add_argument("--spike-step", type=int, metavar="N", default=None,
                    help=f"0-based step whose batch is corrupted (default {d.spike_step})")
@@ -188,6 +188,107 @@ def _run_demo(args: argparse.Namespace) -> int:
           f"{what}", file=sys.stderr)
     start = time.perf_counter()
     result = demo.run(settings)
+    print(result["table"])
+    print(f"\nwrote {', '.join(result['outputs'].values())}  ({time.perf_counter() - start:.0f} s in all)")
+    return 0
+
+
+# ---- sweep --------------------------------------------------------------------------------------
+SWEEP_HELP = """\
+Natural instability, nothing injected: train a small GPT from scratch in one process for every
+learning rate x clipping method x seed (constant learning rate, no warmup, AdamW), and report final
+loss, loss spikes, divergence and the share of steps clipped per cell as Markdown tables and a heat
+map. Methods: no clipping, a tight and a loose fixed clip (torch clip_grad_norm_), ZClip and AdaGC
+(zclip_dist drop-ins) at their published defaults with the loose clip as their cap.
+
+The fixed clips come from --pilot: no clipping at the lowest learning rate, which prints the typical
+norm; tight is about that norm, loose about 5x. A run has diverged when its loss turns non-finite or
+its final loss is no better than predicting characters by their frequency (the corpus's unigram
+entropy). A loss spike: a step whose loss exceeds 1.4x the mean of the previous 10.
+
+Outputs in --out: table.md, sweep.png (heat map), curves.png (loss per step of the first seed),
+results.json (settings, per-run and per-cell numbers, the machine), traces.json (per-step loss, norm,
+clipped) and runs/ (each finished run: a stopped sweep started again reuses them).
+On a GPU: --device cuda --size large (a 6-layer, d=384 GPT, context 256, 5,000 steps); first run its
+own --pilot and give --tight-clip and --loose-clip from the norm it prints."""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _add_sweep(sub: Any) -> None:
+    from .demo.sweep import METHODS, SIZES, SweepSettings, short_mode
+
+    d = SweepSettings()
+    p = sub.add_parser("sweep", help="learning rate x clipping method on a small GPT: natural spikes and divergence",
+                       description=SWEEP_HELP, formatter_class=_Formatter)
+    short = short_mode()
+    p.add_argument("--short", action="store_true", help=f"CI mode: the lowest and the highest learning rate "
+                   f"(small: {','.join(f'{v:g}' for v in short['lrs'])}), seed 0, {short['steps']} steps")
+    p.add_argument("--pilot", action="store_true", help="no clipping at the lowest learning rate: print the typical norm")
+    p.add_argument("--lrs", type=_positive_floats, metavar="X,Y,...", default=None,
+                   help="learning rates (default " + "; ".join(f"{k} {','.join(f'{v:g}' for v in s.lrs)}"
+                                                              for k, s in SIZES.items()) + ")")
+    p.add_argument("--seeds", type=_ints, metavar="N,M,...", default=None,
+                   help=f"seeds of the model and the batches (default {','.join(map(str, d.seeds))})")
+    p.add_argument("--methods", type=_names, metavar="A,B,...", default=d.methods,
+                   help=f"subset of {','.join(METHODS)} (default all)")
+    p.add_argument("--steps", type=int, metavar="N", default=None,
+                   help="steps per run (default " + ", ".join(f"{k} {s.steps}" for k, s in SIZES.items()) + ")")
+    p.add_argument("--tight-clip", type=float, metavar="X", default=None,
+                   help=f"tight fixed clip (default small {d.tight_clip:g}; large: from its --pilot)")
+    p.add_argument("--loose-clip", type=float, metavar="X", default=None,
+                   help=f"loose fixed clip, and the cap of ZClip and AdaGC (default small {d.loose_clip:g}; large: from its --pilot)")
+    p.add_argument("--size", choices=tuple(SIZES), default=d.size, help="model and step budget (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device of the runs, e.g. cuda (default %(default)s)")
+    p.add_argument("--jobs", type=int, metavar="N", default=None,
+                   help="runs side by side (default: one per CPU core on cpu, 1 on a GPU)")
+    p.add_argument("--out", metavar="DIR", default=d.out, help="output folder (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import demo
+    from .demo.sweep import short_mode
+
+    if args.device != "cpu" and not torch.device(args.device).type == "cuda":
+        raise UsageError(f"{PROG} sweep: --device {args.device!r} is invalid: allowed cpu, cuda, cuda:N")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise UsageError(f"{PROG} sweep: --device {args.device}: no CUDA device on this machine")
+    jobs = args.jobs if args.jobs is not None else ((os.cpu_count() or 1) if args.device == "cpu" else 1)
+    given = {"lrs": args.lrs, "seeds": args.seeds, "steps": args.steps, "tight_clip": args.tight_clip,
+             "loose_clip": args.loose_clip}
+    chosen = {**(short_mode(args.size) if args.short else {}), **{k: v for k, v in given.items() if v is not None}}
+    try:
+        settings = demo.SweepSettings(size=args.size, methods=("none",) if args.pilot else args.methods,
+                                      device=args.device, jobs=jobs, out=args.out, **chosen)
+    except ValueError as e:
+        raise UsageError(f"{PROG} sweep: {e}") from None
+    start = time.perf_counter()
+    if args.pilot:
+        from .demo.report import pilot_summary, pilot_text
+        from .demo.sweep import pilot_cell
+
+        run = pilot_cell(settings)
+        print(f"learning rate {run['lr']:g}, seed 0, {len(run['loss'])} steps: "
+              + pilot_text(pilot_summary([{"grad_norm": v} for v in run["grad_norm"]])))
+        return 0
+    cells = len(settings.cells())
+    print(f"{PROG} sweep: {cells} runs of {settings.n_steps} steps ({len(settings.lrs)} learning rates x "
+          f"{len(settings.methods)} methods x {len(settings.seeds)} seeds) on {settings.device}, {jobs} at a time",
+          file=sys.stderr)
+    result = demo.run_sweep(settings, progress=not args.no_progress)
     print(result["table"])
     print(f"\nwrote {', '.join(result['outputs'].values())}  ({time.perf_counter() - start:.0f} s in all)")
     return 0
@@ -330,6 +431,7 @@ ZClip adaptive gradient clipping for DeepSpeed, Megatron and PyTorch, exact unde
 
   zclip-dist demo            fixed clips vs ZClip vs AdaGC on a small GPT with an injected loss spike
   zclip-dist demo --short    the same, shorter (CI)
+  zclip-dist sweep           learning rate x clipping method, natural instability (nothing injected)
   zclip-dist replay TRACE    what ZClip / AdaGC-global would clip on a logged gradient-norm trace
   zclip-dist report METRICS  a short report of a run: clipped share, spikes, non-finite steps, threshold
 
@@ -345,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_demo(sub)
+    _add_sweep(sub)
     _add_replay(sub)
     _add_report(sub)
     return parser
