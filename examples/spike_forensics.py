@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 examples/spike_forensics.py      # DDP on CPU (gloo), or one GPU per rank
     python examples/spike_forensics.py                           # one process: layers only
+    zclip-dist events runs/forensics/metrics.jsonl               # the run's events, afterwards
 
 At step 60 the last rank draws a corrupted batch (targets x100). ZClip clips the spike; its event names the
 parameter that carried most of the squared norm and the replica whose batch did. ``on_event`` runs on
@@ -50,7 +51,7 @@ def main() -> None:
             suspicious.append((event.step, recent_ids.get(event.step, [])))
 
     zclip = ZClip(alpha=0.97, z_thresh=2.5, max_grad_norm=None, warmup_steps=20,
-                  forensics={"top_k": 3, "replicas": True, "read_every": 10}, on_event=on_event,
+                  optimizer=opt, forensics={"top_k": 3, "replicas": True, "read_every": 10}, on_event=on_event,
                   log_jsonl=LOG, log_interval=10)
     zclip.attach(model)  # before the first backward: replica attribution from step 1
 

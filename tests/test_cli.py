@@ -17,7 +17,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands_as_a_subprocess():
     top = _run("--help")
     assert top.returncode == 0
-    assert all(c in top.stdout for c in ("demo", "replay", "report", "zclip-dist COMMAND --help"))
+    assert all(c in top.stdout for c in ("demo", "replay", "report", "events", "zclip-dist COMMAND --help"))
 
 
 @pytest.mark.parametrize("command,phrases", [
@@ -27,6 +27,7 @@ def test_help_lists_the_commands_as_a_subprocess():
                 "--zclip-z-thresh", "--adagc-clip-ratio", "--adagc-max-grad-norm N|none", "--png", "header",
                 "--samples-per-step", "zclip-dist[plot]"]),
     ("report", ["METRICS", "spikes", "non-finite", "regime shifts", "threshold", "--top", "Train/zclip/*"]),
+    ("events", ["METRICS", "--last", "--json", "replicas", "Train/zclip/event/*", "zclip/event/*", "ranks"]),
     ("sweep", ["--short", "--pilot", "--lrs", "--seeds", "--methods", "--tight-clip", "--loose-clip", "--size",
                "--device", "--jobs", "unigram", "--size large"]),
 ])

@@ -425,6 +425,46 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- events -------------------------------------------------------------------------------------
+EVENTS_HELP = f"""\
+Spike forensics of a run: for each clipped, spike or non-finite step its step, kinds, norm and
+threshold, the parameters that carried the largest shares of the squared norm, and the data-parallel
+replicas (with their ranks) whose gradients carried it -- as recorded during training (forensics is on
+by default; replica attribution is the "replicas" setting). Read from our JSONL ("events" field of the
+log lines), or rebuilt from the Train/zclip/event/* (DeepSpeed) or zclip/event/* (Megatron) scalars of a
+TensorBoard folder, which hold the shares but not the thresholds or ranks.
+
+{TRACE_FORMATS.replace("TRACE is", "METRICS is")}"""
+
+
+def _add_events(sub: Any) -> None:
+    p = sub.add_parser("events", help="spike forensics of a run: which parameters and replicas carried each event",
+                       description=EVENTS_HELP, formatter_class=_Formatter)
+    _add_trace_args(p, "METRICS")
+    p.add_argument("--last", type=int, metavar="N", default=None, help="only the last N events")
+    p.add_argument("--json", action="store_true", help="one JSON object per event instead of the table (scripts)")
+    p.set_defaults(func=_run_events)
+
+
+def _run_events(args: argparse.Namespace) -> int:
+    from .forensics import format_events, summarize_events
+    from .run_report import read_for_report
+
+    if args.last is not None and args.last < 1:
+        raise UsageError(f"{PROG} events: --last must be >= 1")
+    trace = _read(args, read_for_report)
+    events = trace.events[-args.last:] if args.last else trace.events
+    if args.json:
+        for e in events:
+            print(json.dumps(e.to_json()))
+        return 0
+    print(f"run: {trace.source}")
+    print(summarize_events(trace.events))
+    if trace.events:
+        print(format_events(trace.events, limit=args.last))
+    return 0
+
+
 # ---- entry point --------------------------------------------------------------------------------
 MAIN_HELP = """\
 ZClip adaptive gradient clipping for DeepSpeed, Megatron and PyTorch, exact under TP/PP/DP/EP.
@@ -434,6 +474,7 @@ ZClip adaptive gradient clipping for DeepSpeed, Megatron and PyTorch, exact unde
   zclip-dist sweep           learning rate x clipping method, natural instability (nothing injected)
   zclip-dist replay TRACE    what ZClip / AdaGC-global would clip on a logged gradient-norm trace
   zclip-dist report METRICS  a short report of a run: clipped share, spikes, non-finite steps, threshold
+  zclip-dist events METRICS  spike forensics: which parameters and replicas carried each clipped step
 
 Use in training: a "zclip" entry in a DeepSpeed config with zclip_dist.deepspeed.initialize (or
 `deepspeed --module zclip_dist.deepspeed.launch train.py`), --zclip flags for Megatron, ZClip(...).step(model)
@@ -450,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_replay(sub)
     _add_report(sub)
+    _add_events(sub)
     return parser
 
 

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["logical_name", "NameIndex", "name_index", "by_name", "top_shares", "kind_weights", "event_flags", "Share",
-           "ReplicaShare", "Event", "event_scalars", "events_in", "format_events", "NONFINITE", "KIND_BITS"]
+           "ReplicaShare", "Event", "event_scalars", "events_in", "format_events", "attribution", "summarize_events",
+           "NONFINITE", "KIND_BITS"]
 
 #: Share value marking a non-finite entry (a real share is in [0, 1]).
 NONFINITE = -1.0
@@ -184,6 +185,41 @@ def _num(value: float | None) -> str:
     return "NaN/Inf" if value is None else f"{value:.4g}"
 
 
+def _replica_text(r: ReplicaShare) -> str:
+    ranks = f" (rank{'s' if len(r.ranks) != 1 else ''} {','.join(map(str, r.ranks))})" if r.ranks else ""
+    return f"{r.replica}{ranks}"
+
+
+def attribution(event: Event) -> str:
+    """The top parameter and the top replica of an event, in a few words (report and replay lines)."""
+    parts = []
+    if event.params:
+        p = event.params[0]
+        parts.append(f"{p.name} {_pct(p.share, p.nonfinite)}")
+    if event.replicas:
+        r = event.replicas[0]
+        parts.append(f"replica {_replica_text(r)} {_pct(r.share, r.nonfinite)}")
+    return ", ".join(parts) or "no attribution recorded"
+
+
+def summarize_events(events: Sequence[Event]) -> str:
+    """One line over a run's events: how many, and which parameter and replica came first most often."""
+    if not events:
+        return "forensics: no events recorded (forensics off, or no clipped, spike or non-finite step)"
+
+    def most(keys: list) -> str:
+        counts: dict[Any, int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+        return ", ".join(f"{k} ({n} of {len(events)})" for k, n in ranked)
+
+    line = f"forensics: {len(events)} event(s); top parameter: " + (
+        most([e.params[0].name for e in events if e.params]) or "-")
+    replicas = [_replica_text(e.replicas[0]) for e in events if e.replicas]
+    return line + (f"; top replica: {most(replicas)}" if replicas else "; replicas not measured")
+
+
 def format_events(records: Iterable[Mapping[str, Any] | Event], *, limit: int | None = None) -> str:
     """A table of a run's events, one line each: step, kinds, norm -> threshold, top parameters, top replicas.
 
@@ -196,8 +232,7 @@ def format_events(records: Iterable[Mapping[str, Any] | Event], *, limit: int | 
     rows = [("step", "kind", "norm", "threshold", "top parameters", "top replicas")]
     for e in shown:
         params = ", ".join(f"{p.name} {_pct(p.share, p.nonfinite)}" for p in e.params) or "-"
-        reps = ", ".join(f"{r.replica} (rank{'s' if len(r.ranks) != 1 else ''} "
-                         f"{','.join(map(str, r.ranks))}) {_pct(r.share, r.nonfinite)}" for r in e.replicas) or "-"
+        reps = ", ".join(f"{_replica_text(r)} {_pct(r.share, r.nonfinite)}" for r in e.replicas) or "-"
         rows.append((str(e.step), "+".join(e.kinds), _num(e.grad_norm), _num(e.threshold), params, reps))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 from .config import AdaGCConfig, ZClipConfig
+from .forensics import Event, attribution, summarize_events
 from .host_stats import adagc_global_host, zclip_host
 from .traces import Trace, TraceError, read_trace
 
@@ -123,9 +124,11 @@ def replay(trace: Trace, zclip_config: ZClipConfig, adagc_config: AdaGCConfig | 
 
 # ---- output -------------------------------------------------------------------------------------
 def _clipped_lines(steps: list[int], norms: list[float], coefs: list[float], clipped: list[bool],
-                   limit: int) -> list[str]:
+                   limit: int, events: Mapping[int, Event]) -> list[str]:
+    """One line per clipped step; where the run recorded an event at that step, who carried the norm."""
     hits = [i for i, c in enumerate(clipped) if c]
     lines = [f"    step {steps[i]:>8}: norm {norms[i]:.6g} -> {norms[i] * coefs[i]:.6g} (x{coefs[i]:.6g})"
+             + (f"; in the run: {attribution(events[steps[i]])}" if steps[i] in events else "")
              for i in hits[:limit]]
     if len(hits) > limit:
         lines.append(f"    ... {len(hits) - limit} more (--show to list more, --csv-out for all)")
@@ -176,15 +179,23 @@ def report(result: Replay, limit: int = 20) -> str:
     lines.append(f"ZClip ({_settings_text(result.zclip_config, skip)}): {sum(z['clipped'])} steps clipped, "
                  f"{sum(z['spike'])} spikes" + (f", {sum(z['regime_shift'])} regime-shift steps"
                                                 if any(z["regime_shift"]) else ""))
-    lines += _clipped_lines(t.steps, t.norms, z["coef"], z["clipped"], limit)
+    events = t.event_at()
+    lines += _clipped_lines(t.steps, t.norms, z["coef"], z["clipped"], limit, events)
     if result.adagc is not None:
         a = result.adagc
         lines.append(f"AdaGC-global ({_settings_text(result.adagc_config, skip + ('mode',))}): "
                      f"{sum(a['clipped'])} steps clipped")
-        lines += _clipped_lines(t.steps, t.norms, a["coef"], a["clipped"], limit)
+        lines += _clipped_lines(t.steps, t.norms, a["coef"], a["clipped"], limit, events)
     agreement = _agreement(result)
     if agreement:
         lines.append(agreement)
+    if t.events:
+        index = {step: i for i, step in enumerate(t.steps)}
+        unclipped = sum(e.step in index and not z["clipped"][index[e.step]] for e in t.events)
+        missing = sum(e.step not in index for e in t.events)
+        lines.append("  " + summarize_events(t.events)
+                     + (f"; {unclipped} of them not clipped by this ZClip" if unclipped else "")
+                     + (f"; {missing} at steps the trace does not hold" if missing else ""))
     return "\n".join(lines)
 
 
@@ -193,14 +204,31 @@ def write_csv(result: Replay, path: str) -> None:
     t, z, a = result.trace, result.zclip, result.adagc
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
+        events = t.event_at()
         w.writerow(["step", "grad_norm", "zclip_threshold", "zclip_coef", "zclip_clipped", "zclip_spike"]
-                   + (["adagc_threshold", "adagc_coef", "adagc_clipped"] if a else []))
+                   + (["adagc_threshold", "adagc_coef", "adagc_clipped"] if a else [])
+                   + (["run_top_param", "run_top_param_share", "run_top_replica", "run_top_replica_share"]
+                      if events else []))
         for i, step in enumerate(t.steps):
             row = [step, repr(t.norms[i]), repr(z["threshold"][i]), repr(z["coef"][i]), int(z["clipped"][i]),
                    int(z["spike"][i])]
             if a:
                 row += [repr(a["threshold"][i]), repr(a["coef"][i]), int(a["clipped"][i])]
+            if events:
+                row += _top_columns(events.get(step))
             w.writerow(row)
+
+
+def _top_columns(event: Event | None) -> list[Any]:
+    """The recorded top parameter and replica with their shares (empty where no event; NaN/Inf as 'nonfinite')."""
+    def cell(entry: Any) -> list[Any]:
+        if entry is None:
+            return ["", ""]
+        return [entry[0], "nonfinite" if entry.nonfinite else ("" if entry.share is None else repr(entry.share))]
+
+    if event is None:
+        return ["", "", "", ""]
+    return cell(event.params[0] if event.params else None) + cell(event.replicas[0] if event.replicas else None)
 
 
 def plot(result: Replay, path: str) -> str:

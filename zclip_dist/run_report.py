@@ -1,6 +1,6 @@
 """``zclip-dist report``: what a run's clipping did, in a dozen lines, from its metrics file.
 
-It reads the decisions the run recorded (every front end's JSONL, DeepSpeed's ``Train/zclip/*`` or
+It reads the decisions (and the spike-forensics events) the run recorded (every front end's JSONL, DeepSpeed's ``Train/zclip/*`` or
 Megatron's ``zclip/*`` TensorBoard scalars). A trace of norms alone (a CSV, Megatron's ``grad-norm``)
 gets ZClip simulated on it with the run's settings (the JSONL header) or the defaults, and says so.
 """
@@ -11,6 +11,7 @@ import math
 import statistics
 from typing import Any, Sequence
 
+from .forensics import attribution, summarize_events
 from .traces import Trace, TraceError, read_trace
 
 __all__ = ["read_for_report", "run_report"]
@@ -119,14 +120,15 @@ def run_report(trace: Trace, top: int = 10) -> str:
     flagged = [i for i in range(n) if (spike[i] if spike is not None else clipped[i] and not warm[i])]
     if flagged:
         biggest = sorted(flagged, key=lambda i: -norms[i])[:top]
-        coef = d["coef"]
+        coef, events = d["coef"], trace.event_at()
         lines.append(f"largest {'spikes' if spike is not None else 'clipped steps'} (of {len(flagged)}):")
         for i in sorted(biggest, key=lambda i: steps[i]):
             to = f" -> {_fmt(norms[i] * coef[i])}" if coef is not None and coef[i] is not None else ""
             ratio = f", x{norms[i] / median:.3g} the median" if median and math.isfinite(median) else ""
             zv = d["z"][i] if d.get("z") is not None else None
             zs = f", z {zv:.3g}" if isinstance(zv, float) and math.isfinite(zv) else ""
-            lines.append(f"  step {steps[i]:>8}: {_fmt(norms[i])}{to}{zs}{ratio}")
+            who = f"; {attribution(events[steps[i]])}" if steps[i] in events else ""
+            lines.append(f"  step {steps[i]:>8}: {_fmt(norms[i])}{to}{zs}{ratio}{who}")
     else:
         lines.append("spikes: none")
 
@@ -149,4 +151,6 @@ def run_report(trace: Trace, top: int = 10) -> str:
             lines.append("threshold: the run never left warmup (or had no cap)")
     else:
         lines.append("threshold: not in AdaGC's metrics (gamma is per tensor, or global in adagc-global)")
+    if trace.events or head:  # our own metrics: say whether forensics recorded anything
+        lines.append(summarize_events(trace.events) + (" (zclip-dist events METRICS lists them)" if trace.events else ""))
     return "\n".join(lines)

@@ -10,6 +10,10 @@ Where each engine writes, and against what:
   optimizer step), DeepSpeed's as ``Train/Samples/lr`` (every optimizer step);
 * Megatron's TensorBoard: ``grad-norm`` against the iteration (ours as ``zclip/<metric>``).
 
+Spike-forensics events come along as :attr:`Trace.events`: from the JSONL lines' ``events`` field, or
+rebuilt from the ``<prefix>event/*`` scalars a monitor received (grad norm and shares; the kinds from
+the decisions logged at the same step; ranks and thresholds are not in the scalars).
+
 Every problem is a :class:`TraceError` whose message is one line naming the file.
 """
 
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from .forensics import Event, ReplicaShare, Share, events_in
 from .metrics import HEADER_KEY, NONFINITE_KEY
 
 __all__ = ["TraceError", "Trace", "read_trace", "read_jsonl", "read_csv", "read_tensorboard", "detect_format",
@@ -31,6 +37,8 @@ NORM_KEYS = ("grad_norm", "grad-norm", "Train/zclip/grad_norm", "Train/adagc/gra
              "adagc/grad_norm", "gradient_norm", "grad_norm_pre_clip", "norm")
 #: Step keys, preferred first; ``call`` (the clipper's call count) when a record has nothing better.
 STEP_KEYS = ("step", "iteration", "global_step", "steps", "call")
+#: Where a monitor's forensics scalars live under the metrics' prefix (see ``forensics.event_scalars``).
+EVENT_TAG = "event/"
 #: DeepSpeed's monitor writes these against samples; ``lr`` is written at every optimizer step.
 DEEPSPEED_PREFIX = "Train/"
 DEEPSPEED_EVERY_STEP_TAG = "Train/Samples/lr"
@@ -49,6 +57,11 @@ class Trace:
     header: dict[str, Any] | None = None  # our JSONL header: method and settings of the run
     columns: dict[str, list[Any]] = field(default_factory=dict)  # other logged metrics, aligned with steps
     notes: list[str] = field(default_factory=list)  # how the steps were derived, settings changes, ...
+    events: list[Event] = field(default_factory=list)  # spike forensics the run recorded, by step
+
+    def event_at(self) -> dict[int, Event]:
+        """The recorded events by step."""
+        return {e.step: e for e in self.events}
 
     def gaps(self) -> int:
         """Steps missing between the first and last logged one (a log interval > 1 leaves gaps)."""
@@ -87,7 +100,8 @@ def _number(value: Any, path: str, where: str) -> float:
 
 
 def _finish(path: str, field_name: str, steps: list[int], norms: list[float], columns: dict[str, list[Any]], *,
-            keep_last: bool = False, notes: list[str] | None = None, header: dict[str, Any] | None = None) -> Trace:
+            keep_last: bool = False, notes: list[str] | None = None, header: dict[str, Any] | None = None,
+            events: Iterable[Event] = ()) -> Trace:
     """Order by step, check the norms; ``columns`` are the other metrics, aligned with ``steps``."""
     if not steps:
         raise TraceError(f"{path}: no gradient-norm values in {field_name!r}")
@@ -110,7 +124,9 @@ def _finish(path: str, field_name: str, steps: list[int], norms: list[float], co
     if negative is not None:
         raise TraceError(f"{path}: the norm at step {steps[negative]} is {norms[negative]!r}: "
                          "a gradient norm is never negative")
-    return Trace(steps=steps, norms=norms, source=path, field=field_name, header=header, columns=columns, notes=notes)
+    by_step = {e.step: e for e in events}  # the later record of a step a resumed run logged twice
+    return Trace(steps=steps, norms=norms, source=path, field=field_name, header=header, columns=columns, notes=notes,
+                 events=[by_step[k] for k in sorted(by_step)])
 
 
 # ---- JSONL --------------------------------------------------------------------------------------
@@ -150,7 +166,7 @@ def read_jsonl(path: str, field_name: str | None = None, run: str | None = None)
     if changed:
         notes.append(f"the settings changed at record {changed[-1] + 1} (a resumed run?); the latest ones are "
                      "used for the whole trace")
-    keys = dict.fromkeys(k for r in records for k in r if k not in (NONFINITE_KEY, "run"))
+    keys = dict.fromkeys(k for r in records for k in r if k not in (NONFINITE_KEY, "run", "events"))
     key = _pick(keys, field_name, "key", path)
     step_key = next((k for k in STEP_KEYS if all(k in r for r in records)), None)
     others = [k for k in keys if k not in (key, step_key)]
@@ -163,7 +179,12 @@ def read_jsonl(path: str, field_name: str | None = None, run: str | None = None)
         norms.append(_number(norm, path, f"record {i + 1}"))
         for k in others:
             columns[k].append(_value(r, k))
-    return _finish(path, key, steps, norms, columns, keep_last=len(headers) > 1, notes=notes, header=header)
+    try:
+        events = events_in(records)
+    except (KeyError, TypeError, ValueError) as e:
+        raise TraceError(f"{path}: an \"events\" entry is malformed ({type(e).__name__}: {e})") from None
+    return _finish(path, key, steps, norms, columns, keep_last=len(headers) > 1, notes=notes, header=header,
+                   events=events)
 
 
 # ---- CSV ----------------------------------------------------------------------------------------
@@ -286,9 +307,43 @@ def read_tensorboard(path: str, field_name: str | None = None, samples_per_step:
     prefix = tag.rsplit("/", 1)[0] + "/" if "/" in tag else None
     others = {t[len(prefix):]: {e.step: e.value for e in acc.Scalars(t)}
               for t in tags if prefix and t.startswith(prefix) and t != tag}
+    scalars = {name[len(EVENT_TAG):]: others.pop(name) for name in list(others) if name.startswith(EVENT_TAG)}
     columns = {name: [values.get(x) for x in xs] for name, values in others.items()}
     source = run if run == path else f"{path} ({os.path.relpath(run, path)})"
-    return _finish(source, tag, list(steps), [float(e.value) for e in events], columns, notes=notes)
+    return _finish(source, tag, list(steps), [float(e.value) for e in events], columns, notes=notes,
+                   events=_events_from_scalars(scalars, dict(zip(xs, steps)), columns, xs,
+                                                  "adagc" if "adagc" in tag else "zclip"))
+
+
+def _events_from_scalars(scalars: Mapping[str, Mapping[int, float]], step_of: Mapping[int, int],
+                         columns: Mapping[str, list[Any]], xs: list[int], method: str) -> list[Event]:
+    """Events rebuilt from a monitor's ``event/grad_norm``, ``event/param/<name>`` and
+    ``event/replica/<i>`` scalars (x = the sample count or iteration the event was logged at)."""
+    at = {x: i for i, x in enumerate(xs)}
+
+    def flag(name: str, x: int) -> bool:
+        values = columns.get(name)
+        return bool(values[at[x]]) if values is not None and x in at and values[at[x]] is not None else False
+
+    def share(value: float) -> tuple[float | None, bool]:
+        return (None, True) if math.isnan(value) else (float(value), False)
+
+    out = []
+    for x, norm in sorted((scalars.get("grad_norm") or {}).items()):
+        if x not in step_of:
+            continue
+        params = sorted(((name[len("param/"):], *share(v[x])) for name, v in scalars.items()
+                         if name.startswith("param/") and x in v), key=lambda p: (not p[2], -(p[1] or 0.0)))
+        replicas = sorted(((int(name[len("replica/"):]), *share(v[x])) for name, v in scalars.items()
+                           if name.startswith("replica/") and x in v), key=lambda r: (not r[2], -(r[1] or 0.0)))
+        # AdaGC logs no "clipped" flag: a step is clipped when it clipped at least one tensor.
+        kinds = tuple(k for k in ("clipped", "spike", "nonfinite")
+                      if flag(k, x) or (k == "clipped" and flag("num_clipped_tensors", x)))
+        out.append(Event(step=step_of[x], method=method, kinds=kinds,
+                         grad_norm=float(norm) if math.isfinite(norm) else None, threshold=None,
+                         params=tuple(Share(n, s, bad) for n, s, bad in params),
+                         replicas=tuple(ReplicaShare(i, (), s, bad) for i, s, bad in replicas)))
+    return out
 
 
 # ---- any ----------------------------------------------------------------------------------------
