@@ -193,3 +193,21 @@ def test_adagc_events_name_the_clipped_parameter():
     assert len(spike) == 1 and spike[0].method == "adagc" and spike[0].threshold is None
     assert spike[0].params[0].name == fm.SPIKE_PARAM
     assert math.isclose(spike[0].params[0].share, shares[fm.SPIKE_PARAM], rel_tol=1e-4)
+
+
+def test_forensics_never_changes_the_norm():
+    """Forensics on or off, the same gradients give the same norm to the last bit: a logging setting must not
+    move a run (at a high learning rate a last-bit change grows into another trajectory)."""
+    def norms(forensics) -> list[float]:
+        zc = ZClip(**fm.CFG, forensics=forensics, nonfinite="propagate")
+        net, out = fm.make_net(), []
+        for step in range(12):
+            fm.set_factors(net, {fm.SPIKE_PARAM: fm.SPIKE_FACTOR} if step == 9 else {})
+            net.zero_grad()
+            x, y = fm.batch(step, 0)
+            F.mse_loss(net(x), y).backward()
+            out.append(zc.step(net).item())
+        return out
+
+    off = norms(False)
+    assert norms(True) == off and norms({"top_k": 1}) == off

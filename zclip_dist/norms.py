@@ -101,27 +101,30 @@ class NormCalculator:
 
         Returns ``(norm, squares, extra)``: ``squares`` is every counted tensor's squared norm summed over
         the group (plan order; TP and ZeRO/FSDP pieces of one tensor add up, replicas count once), so
-        ``squares.sum()`` is the global squared norm; ``extra`` (any fp32 vector, e.g. the per-replica
-        slots of :class:`~zclip_dist.replicas.ReplicaMeter`) comes back SUMmed over the group. One
-        buffer ``[weighted squares | extra]``: n_tensors + len(extra) floats instead of one.
+        ``squares.sum()`` is the global squared norm up to rounding; ``extra`` (any fp32 vector, e.g. the
+        per-replica slots of :class:`~zclip_dist.replicas.ReplicaMeter`) comes back SUMmed over the group.
+        One buffer ``[squared norm | weighted squares | extra]``: 1 + n_tensors + len(extra) floats instead
+        of one; the norm is the one ``__call__`` returns (bitwise in one process: the local sum is the
+        same; across ranks, up to the order in which the all-reduce adds the ranks' values).
 
         With a pipeline, positions do not align over the group (each stage holds other tensors):
-        ``squares`` is then None and the norm travels as one scalar next to ``extra``.
+        ``squares`` is then None.
         """
         sq = self.local_squares(params, grads)
         plan = self.plan
+        # The norm travels as its own scalar, summed locally as ``__call__`` sums it: turning forensics on
+        # or off does not change the norm's rounding (a last-bit change is enough to move a chaotic run).
+        total = (torch.dot(sq, plan.weights) if sq.numel() else torch.zeros((), dtype=plan.dtype, device=plan.device))
         aligned = self.topology.tensor_group_is_group
+        parts = [total.reshape(1)]
         if aligned:
-            head = sq * plan.weights  # 0 * NaN = NaN, as in __call__
-        elif sq.numel():
-            head = torch.dot(sq, plan.weights).reshape(1)
-        else:
-            head = torch.zeros(1, dtype=plan.dtype, device=plan.device)
-        buf = torch.cat([head, extra.to(plan.dtype)]) if extra is not None else head
+            parts.append(sq * plan.weights)  # 0 * NaN = NaN, as in __call__
+        if extra is not None:
+            parts.append(extra.to(plan.dtype))
+        buf = torch.cat(parts)
         self.topology.all_reduce_sum(buf)
-        n = head.numel()
-        squares = buf[:n]
-        return squares.sum().sqrt(), (squares if aligned else None), (buf[n:] if extra is not None else None)
+        n = 1 + (sq.numel() if aligned else 0)
+        return buf[0].sqrt(), (buf[1:n] if aligned else None), (buf[n:] if extra is not None else None)
 
     def per_tensor(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Global norm and the squared norms of the *whole* tensors (plan order), identical on every rank.
