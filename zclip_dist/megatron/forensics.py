@@ -158,13 +158,18 @@ class MegatronForensics:
             verify_same_config(config)  # the settings size the event all-reduce: the same everywhere
         if names is None:  # ZClip: this rank's pieces, placed in a name table shared by every rank
             table = logical_names(model) if model is not None else {}
+            fallback = "param."
             if not table:
                 logger.warning("%s forensics: no model chunks given to wrap_optimizer: parameters are named by "
                                "position (param.<k>); pass model=<model chunks> to name them", method)
+                if dist.is_initialized():  # positions agree across TP and DP ranks, not across stages
+                    from megatron.core import parallel_state as ps
+
+                    fallback = f"stage{ps.get_pipeline_model_parallel_rank()}.param."
             kept = [(m, owner, d) for m, owner, d in mains if not is_shared_copy(owner)]  # the tied copy: never
             self.mains = [m for m, _, _ in kept]
             self.decoupled = [d for _, _, d in kept]
-            local = [table.get(id(owner), f"param.{k}") for k, (_, owner, _) in enumerate(kept)]
+            local = [table.get(id(owner), f"{fallback}{k}") for k, (_, owner, _) in enumerate(kept)]
             self.names = _gathered_names(local)
             slot = {n: i for i, n in enumerate(self.names)}
             self._index = torch.tensor([slot[n] for n in local], dtype=torch.long, device=device)

@@ -243,7 +243,9 @@ def attach_forensics(optimizer: Any, clipper: Any, method: str, forensics: Any, 
         try:
             for sub in subs:
                 owner = _main_to_model(sub)
-                mains += [(m, owner[id(m)], uses_decoupled_grad(sub)) for m in sub.get_parameters()]
+                mains += [(m, owner[id(m)], uses_decoupled_grad(sub)) for m in sub.get_parameters()
+                          # out of the norm ZClip decides on (0.19's MTP heads): out of its shares too
+                          if getattr(owner[id(m)], "grad_norm_group", None) is None]
         except (ValueError, KeyError) as err:  # an optimizer layout whose main parameters name no model parameter
             logger.warning("%s forensics: off for %s (%s)", method, type(optimizer).__name__, err)
             return None
