@@ -131,13 +131,14 @@ class MegatronForensics:
     """What the optimizer holds for forensics: the recorder, the replica meter, the event vector's layout.
 
     Args:
-        optimizer: the optimizer ZClip/AdaGC is being attached to (its non-stub sub-optimizers' main
-            parameters are the pieces measured).
         config: the settings.
         method: ``"zclip"`` (host decision: :class:`HostRecorder` on the CPU, measured on event steps) or
             ``"adagc"`` (device recorder fed AdaGC's per-tensor vector every step).
-        mains: ZClip: ``[(main parameter, model parameter, uses decoupled_grad)]`` for every piece this rank holds.
+        device: the gradients' device.
+        dist_opt: the distributed optimizer shards the gradients over DP (every shard counts).
         model: the model chunks (names; replicas: their DDP bucket groups).
+        mains: ZClip: ``[(main parameter, model parameter, uses decoupled_grad)]`` for every piece of the
+            non-stub sub-optimizers on this rank.
         step_of: the clipper's current step count (read at writer time only), to place events at iterations;
             default :attr:`steps`, which the AdaGC adapter keeps.
         names: AdaGC: the names of its per-tensor vector's positions (then ``mains`` is unused).
@@ -173,7 +174,8 @@ class MegatronForensics:
             self.names = _gathered_names(local)
             slot = {n: i for i, n in enumerate(self.names)}
             self._index = torch.tensor([slot[n] for n in local], dtype=torch.long, device=device)
-            self._weights = torch.tensor([1.0 if self.topology.counts(o) else 0.0 for _, o, _ in kept], device=device)
+            counts = [1.0 if self.topology.counts(owner) else 0.0 for _, owner, _ in kept]
+            self._weights = torch.tensor(counts, device=device)
             self.recorder: EventRecorder = HostRecorder(config, method=method, device="cpu", on_event=self._deliver)
             self.recorder.host_resident = True
         else:  # AdaGC: its own per-tensor vector, in its order
