@@ -206,7 +206,8 @@ _PROBE = textwrap.dedent("""
 
     import megatron.training.global_vars as gv
     calls = []
-    zmeg.wrap_optimizer = lambda opt, cfg, model=None: calls.append([opt, type(cfg).__name__, model]) or opt
+    zmeg.wrap_optimizer = lambda opt, cfg, model=None, forensics=None: calls.append(
+        [opt, type(cfg).__name__, model]) or opt
     gv.set_args(argparse.Namespace(adagc=True, zclip=False, clip_grad=1.0))
     factory = launch._patched_factory(lambda config, model_chunks, **kw: 'optimizer')
     factory('config', ['chunk0'], config_overrides=None)

@@ -35,7 +35,7 @@ LAYOUTS = [
 ]
 MTP_LAYOUT = Layout("tp2dp2_mtp", tp=2, mtp=True)
 SKIP_THRESHOLD_LAYOUT = "tp2dp2_distopt"
-#: Layouts where Megatron's norm reduction does not span every rank (see check 5 in test_layout).
+#: Layouts where Megatron's norm reduction does not span every rank (see check 6 in test_layout).
 AGREEING_LAYOUTS = {"dp4_bf16", "ep2_experts", "pr5916_ep2tp2etp1", "tp2dp2_mtp"}
 
 
@@ -96,7 +96,9 @@ def _run_layout(rank: int, layout: Layout) -> dict:
         opt.step()
     out["stock_syncs"] = stock.count
 
-    zmeg.wrap_optimizer(opt, ZClipConfig(**CONFIG))
+    events = []
+    zmeg.wrap_optimizer(opt, ZClipConfig(**CONFIG), model=[ddp], on_event=lambda e: events.append(e.to_json()))
+    out["events"] = events
     out["fixed_norm"] = None
     syncs = []
     for step in range(STEPS):
@@ -199,7 +201,21 @@ def test_layout(results, name):
     assert per_rank[SPIKE_RANK]["post_clip_norm"] == pytest.approx(spike[1] * spike[3], rel=1e-5)
     assert sum(s[4] for s in steps) < 10  # ordinary steps pass
 
-    # 5. No host sync beyond stock Megatron's (which reads its norm once per reduction), except one
+    # 5. Spike forensics (on by default): an event exactly on the clipped steps, the same on every rank,
+    # naming parameters by their model-wide names (layers numbered across stages, the tied embedding
+    # once, every expert of a layer as one parameter).
+    from zclip_dist.megatron.forensics import expert_logical_name
+
+    events = [e for e in per_rank[0]["events"] if e["step"] <= STEPS]  # later: the extra steps of the 0.19 checks
+    assert [e["step"] for e in events] == [i + 1 for i, s in enumerate(steps) if s[4]]
+    assert all(r["events"] == per_rank[0]["events"] for r in per_rank)
+    logical = {expert_logical_name(n) for n in shapes}
+    spike_event = next(e for e in events if e["step"] == SPIKE_STEP + 1)
+    assert {p["name"] for p in spike_event["params"]} <= logical, (layout.name, spike_event["params"])
+    shares = [p["share"] for p in spike_event["params"]]
+    assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+
+    # 6. No host sync beyond stock Megatron's (which reads its norm once per reduction), except one
     # where Megatron itself does not make the norm identical on every rank (non-distributed optimizer
     # with DP > 1, or dense and expert norms reduced over different groups): there one scalar
     # all-reduce and one read make it identical by construction.

@@ -152,3 +152,19 @@ def test_statistics_follow_the_reference_across_the_resume(run):
         assert mean is not None, i
         assert run["jsonl"][i]["mean"] == pytest.approx(mean, rel=1e-9), i
         assert run["jsonl"][i]["std"] == pytest.approx(math.sqrt(var), rel=1e-9), i
+
+
+def test_spike_forensics_name_model_parameters(run):
+    """Forensics is on by default: the spike's line carries its event, naming the model's parameters (as
+    ``named_parameters`` gives them, without ``module.``) by share, and TensorBoard has the same shares at
+    that iteration; a line carries an event exactly when its step was clipped (or a spike)."""
+    for i, record in run["jsonl"].items():
+        assert ("events" in record) == bool(record["clipped"] or record["spike"]), i
+    (event,) = run["jsonl"][SPIKE_AT]["events"]
+    assert event["step"] == SPIKE_AT and set(event["kinds"]) >= {"clipped", "spike"}
+    shares = [p["share"] for p in event["params"]]
+    assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    for p in event["params"]:
+        assert p["name"].split(".")[0] in ("embedding", "decoder", "output_layer"), p["name"]
+        logged = run["tb"][f"zclip/event/param/{p['name']}"]
+        assert logged[SPIKE_AT] == pytest.approx(p["share"], rel=1e-6)

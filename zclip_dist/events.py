@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .clipper import host_list
 from .config import ForensicsConfig
 from .forensics import (KIND_BITS, NONFINITE, Event, NameIndex, ReplicaShare, Share, by_name, event_flags,
                         kind_weights, name_index, top_shares)
@@ -52,6 +53,8 @@ class EventRecorder:
         self._kinds = kind_weights(config.events, self.device)
         self.replica_ranks: Sequence[tuple[int, ...]] | None = None  # replica -> its global ranks
         self.keep_for_log = False  # the clipper writes JSON lines: keep read events for the next line
+        # The buffer lives in host memory by design (an engine that decides on the host): reading it is no sync.
+        self.host_resident = False
         self.dropped = 0
         self._tables: list[tuple[tuple[str, ...], NameIndex]] = []  # by table id: (names, index)
         self._table_id: Tensor | None = None
@@ -114,7 +117,8 @@ class EventRecorder:
     # ---- reading (one host transfer) -------------------------------------------------------------
     def read(self) -> list[Event]:
         """New events since the last read (one device->host transfer); each goes to ``on_event`` once."""
-        flat = torch.cat([self.count.to(torch.float64).reshape(1), self.buf.reshape(-1)]).tolist()
+        flat = torch.cat([self.count.to(torch.float64).reshape(1), self.buf.reshape(-1)])
+        flat = host_list(flat) if self.host_resident else flat.tolist()
         count, cap = int(flat[0]), self.buf.shape[0]
         new = count - self._read
         if new <= 0:

@@ -22,7 +22,8 @@ refused by name when the hook is attached and before the launcher runs a script.
 
 Modules: ``flags`` (argparse only), ``hook`` (what both methods do to the optimizer object),
 ``intercept`` (where they enter the release's own ``step()``: its norm read and its clip call), ``zclip``
-and ``adagc`` (each method's decision and clip), ``launch`` (runs the stock ``pretrain_gpt.py`` with the
+and ``adagc`` (each method's decision and clip), ``forensics`` (spike forensics: which parameters and
+replicas carried an event step's norm; ``--zclip-forensics*`` / ``--adagc-forensics*``), ``launch`` (runs the stock ``pretrain_gpt.py`` with the
 flags and the hook), ``patch`` (the source patch for a Megatron-LM checkout). Only this package touches
 megatron-core's and Megatron-LM's private names; how Megatron computes its norm and where the hook sits
 is in ``docs/internals/megatron.md``.
@@ -30,9 +31,10 @@ is in ``docs/internals/megatron.md``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
-from ..config import AdaGCConfig, ZClipConfig
+from ..config import AdaGCConfig, ForensicsConfig, ZClipConfig
+from ..forensics import Event
 from . import adagc as _adagc
 from . import zclip as _zclip
 from .flags import (
@@ -45,17 +47,20 @@ from .flags import (
     config_from_args,
     enabled,
     flag_name,
+    forensics_config,
 )
-from .hook import LOG_METRICS, attached_optimizer, clipper_of, log_metrics
+from .hook import LOG_METRICS, attached_optimizer, clipper_of, forensics_of, log_metrics
 
 __all__ = ["add_arguments", "config_from_args", "adagc_config_from_args", "clipping_config", "wrap_optimizer",
            "enabled", "adagc_enabled", "clipping_enabled", "log_metrics", "clipper_of", "attached_optimizer",
-           "flag_name", "adagc_flag_name", "LOG_METRICS", "ADAGC_LOG_METRICS"]
+           "flag_name", "adagc_flag_name", "forensics_config", "forensics_of", "LOG_METRICS", "ADAGC_LOG_METRICS"]
 
 ADAGC_LOG_METRICS = _adagc.LOG_METRICS
 
 
-def wrap_optimizer(optimizer: Any, config: ZClipConfig | AdaGCConfig, model: Any = None) -> Any:
+def wrap_optimizer(optimizer: Any, config: ZClipConfig | AdaGCConfig, model: Any = None, *,
+                   forensics: ForensicsConfig | Mapping[str, Any] | bool | None = None,
+                   on_event: Callable[[Event], None] | None = None) -> Any:
     """Attach ZClip or AdaGC to what ``get_megatron_optimizer`` returned; returns the same object.
 
     ZClip works for ``ChainedOptimizer`` (dense + expert sub-optimizers), ``DistributedOptimizer``,
@@ -67,10 +72,20 @@ def wrap_optimizer(optimizer: Any, config: ZClipConfig | AdaGCConfig, model: Any
     ``state_dict``/``sharded_state_dict``/``load_state_dict`` carry the state. Raises
     :class:`~zclip_dist.megatron.intercept.UnsupportedMegatronCore` outside megatron-core 0.16.1..0.19.2.
 
-    ``model``: the model chunks; AdaGC keys gamma by their parameter names (ZClip ignores it).
+    ``model``: the model chunks; AdaGC keys gamma by their parameter names, forensics names parameters by
+    them (ZClip needs them for forensics only; without them, names are positions).
+
+    ``forensics``: spike forensics (:class:`~zclip_dist.config.ForensicsConfig`, a mapping, ``True`` /
+    ``False``; ``None``: the ``--zclip-forensics*`` / ``--adagc-forensics*`` flags of Megatron-LM's
+    arguments, else the defaults: on, replica attribution off). At every clipped, spike or non-finite
+    step the top parameters (and, with ``replicas``, DP replicas) by share of the squared norm go to the
+    JSON-lines sink (``events``), to ``on_event`` and to Megatron's writers (:func:`log_metrics`).
+    ``on_event(event)``: called with each :class:`~zclip_dist.forensics.Event` when this rank reads it
+    (ZClip: at the event step, every rank; AdaGC: when the host reads anyway -- a log step, or every
+    ``read_every`` steps).
     """
     if isinstance(config, AdaGCConfig):
-        return _adagc.attach(optimizer, config, model=model)
+        return _adagc.attach(optimizer, config, model=model, forensics=forensics, on_event=on_event)
     if not isinstance(config, ZClipConfig):
         raise TypeError(f"wrap_optimizer needs a ZClipConfig or an AdaGCConfig, got {type(config).__name__}")
-    return _zclip.attach(optimizer, config)
+    return _zclip.attach(optimizer, config, model=model, forensics=forensics, on_event=on_event)

@@ -51,7 +51,8 @@ from torch import Tensor
 from ..clipper import AdaGCClipper
 from ..config import AdaGCConfig
 from ..topology import Topology
-from .hook import _is_expert, pop_entries, prepare, register, sub_optimizers, uses_decoupled_grad, with_entry
+from .hook import (_is_expert, attach_forensics, pop_entries, prepare, register, sub_optimizers, uses_decoupled_grad,
+                   with_entry)
 
 __all__ = ["attach", "UnsupportedConfiguration", "STATE_KEY", "LOG_METRICS", "SHARDED_KEY"]
 
@@ -283,6 +284,7 @@ class _AdaGCOverrides:
     _zclip_config: AdaGCConfig
     _zclip_base: type
     _adagc_pending: tuple[list[Tensor], Tensor] | None  # this step's (gradients, coefficients) until clipped
+    _zclip_forensics: Any  # MegatronForensics or None
 
     def _zclip_decide(self, norm: float, finite: bool) -> None:
         """Every whole tensor's norm (one all-reduce over the stage) and Megatron's global norm: gamma and
@@ -291,7 +293,14 @@ class _AdaGCOverrides:
         grads = tensors.grads()
         # Megatron's norm as a device scalar: a fill kernel, no copy and no sync.
         global_norm = torch.full((), norm, dtype=torch.float32, device=tensors.device)
-        decision = self.adagc.step(tensors.whole_tensor_squares(grads), global_norm)
+        fx = self._zclip_forensics
+        if fx is None:
+            decision = self.adagc.step(tensors.whole_tensor_squares(grads), global_norm)
+        else:  # the replicas' slots ride in the same all-reduce; the per-tensor vector is the forensics one
+            fx.steps += 1
+            vector = fx.with_slots(tensors.local_squares(grads))
+            squares, replicas = fx.split(tensors.topology.all_reduce_tensor_sum(vector))
+            decision = self.adagc.step(squares, global_norm, squares=squares, replicas=replicas)
         self._adagc_pending = (grads, decision.coefs) if finite else None
 
     def _zclip_clip(self, params: list, total_norm: float, use_decoupled_grad: bool, stock_clip: Callable) -> None:
@@ -311,7 +320,10 @@ class _AdaGCOverrides:
     def load_state_dict(self, state_dict, *args, **kwargs):
         state_dict, saved = pop_entries(state_dict, STATE_KEY, "AdaGC")
         if saved is not None:
-            self.adagc.load_state_dict(getattr(saved, "data", saved))  # a loaded ShardedObject or the dict
+            saved = getattr(saved, "data", saved)  # a loaded ShardedObject or the dict
+            self.adagc.load_state_dict(saved)
+            if self._zclip_forensics is not None and saved:  # the clipper's step count, known on the host
+                self._zclip_forensics.steps = int(saved["count"]) + int(saved["num_nonfinite"])
         return self._zclip_base.load_state_dict(self, state_dict, *args, **kwargs)
 
 
@@ -328,7 +340,8 @@ def _sharded_state(clipper: AdaGCClipper) -> Any:
         replica_id=(ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True)))
 
 
-def attach(optimizer: Any, config: AdaGCConfig, model: Any = None) -> Any:
+def attach(optimizer: Any, config: AdaGCConfig, model: Any = None, forensics: Any = None,
+           on_event: Callable[[Any], None] | None = None) -> Any:
     """Attach AdaGC to what ``get_megatron_optimizer`` returned, in place; returns the same object.
 
     ``model``: the model chunks (a module or a list), whose parameter names key gamma in checkpoints.
@@ -352,4 +365,7 @@ def attach(optimizer: Any, config: AdaGCConfig, model: Any = None) -> Any:
     optimizer.adagc = AdaGCClipper(inner)
     optimizer.adagc.bind(tensors.names, tensors.device)
     type(optimizer)._zclip_log_metrics = LOG_METRICS
-    return register(optimizer)
+    register(optimizer)
+    # Forensics names are AdaGC's units (this pipeline stage's tensors, in its vector's order).
+    attach_forensics(optimizer, optimizer.adagc, "adagc", forensics, model, on_event, names=tensors.names)
+    return optimizer

@@ -14,14 +14,16 @@ from ..config import (
     CLIP_OPTIONS,
     MODES,
     NONFINITE_POLICIES,
+    EVENT_KINDS,
     AdaGCConfig,
     ConfigError,
+    ForensicsConfig,
     ZClipConfig,
     attribute_docs,
 )
 
-__all__ = ["add_arguments", "config_from_args", "adagc_config_from_args", "clipping_config", "enabled",
-           "adagc_enabled", "clipping_enabled", "flag_name", "adagc_flag_name"]
+__all__ = ["add_arguments", "config_from_args", "adagc_config_from_args", "clipping_config", "forensics_config",
+           "enabled", "adagc_enabled", "clipping_enabled", "flag_name", "adagc_flag_name"]
 
 _NONE = "none"
 
@@ -114,12 +116,71 @@ class _Method:
             raise ConfigError(text) from None
 
 
+_FORENSICS_HELP = {
+    "top_k": "Parameters named per event (clipped, spike or non-finite step), by share of the squared norm. "
+             "Default 3.",
+    "replicas": "Also name the data-parallel replicas, by their gradients' squared norms before the DP "
+                "reduction (measured at each bucket's reduction: one more read of the gradient buffers). "
+                "Default off.",
+    "top_replicas": "Replicas named per event. Default 2.",
+    "events": "Which steps are events: any of clipped, spike, nonfinite. Default all three.",
+    "capacity": "Events held between two reads; older ones are dropped and counted. Default 64.",
+    "read_every": "Also read the events every N steps on every rank (one host transfer then); 0: only at "
+                  "log steps. Default 0.",
+}
+
+
+class _Forensics:
+    """``--<method>-forensics`` / ``--no-<method>-forensics`` and ``--<method>-forensics-<field>``."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.prefix = method, f"{method}-forensics"
+
+    def flag(self, field: str) -> str:
+        return f"--{self.prefix}-" + field.replace("_", "-")
+
+    def dest(self, field: str) -> str:
+        return f"{self.method}_forensics_{field}"
+
+    def add(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(
+            title=self.prefix, description=f"Spike forensics for --{self.method} (zclip_dist): at every clipped, "
+            "spike or non-finite step, the parameters (and replicas) that carried the gradient norm")
+        group.add_argument(f"--{self.prefix}", action=argparse.BooleanOptionalAction, default=None,
+                           dest=f"{self.method}_forensics",
+                           help="Record spike forensics (default on: ordinary steps cost nothing).")
+        for f in fields(ForensicsConfig):
+            if f.name.startswith("_"):
+                continue
+            kwargs: dict[str, Any] = {"default": None, "dest": self.dest(f.name), "help": _FORENSICS_HELP[f.name]}
+            if f.name == "replicas":
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif f.name == "events":
+                kwargs.update(nargs="+", choices=EVENT_KINDS)
+            else:
+                kwargs["type"] = int
+            group.add_argument(self.flag(f.name), **kwargs)
+
+    def build(self, args: argparse.Namespace) -> ForensicsConfig:
+        entry = {f.name: getattr(args, self.dest(f.name)) for f in fields(ForensicsConfig)
+                 if not f.name.startswith("_") and getattr(args, self.dest(f.name), None) is not None}
+        if getattr(args, f"{self.method}_forensics", None) is False:
+            return ForensicsConfig(top_k=0)
+        try:
+            return ForensicsConfig.from_dict(entry, source=f"--{self.prefix}")
+        except ConfigError as err:
+            raise ConfigError(re.sub(rf"--{self.prefix}\.(\w+)", lambda m: self.flag(m.group(1)), str(err))) from None
+
+
 _ZCLIP = _Method("zclip", ZClipConfig, _HELP, _CHOICES, title="ZClip adaptive gradient clipping (zclip_dist)",
                  switch_help="Replace the fixed --clip-grad clipping by ZClip (the --clip-grad value becomes its cap).")
 _ADAGC = _Method("adagc", AdaGCConfig, _ADAGC_HELP, _ADAGC_CHOICES,
                  title="AdaGC per-tensor adaptive gradient clipping (zclip_dist)",
                  switch_help="Replace the fixed --clip-grad clipping by AdaGC: one threshold per parameter tensor "
                              "(--clip-grad becomes lambda_abs, the warmup's global clip).")
+
+
+_FORENSICS = {"zclip": _Forensics("zclip"), "adagc": _Forensics("adagc")}
 
 
 def flag_name(field: str) -> str:
@@ -151,6 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser, methods: Sequence[str] = ("zc
     for method in (_ZCLIP, _ADAGC):
         if method.prefix in methods:
             method.add(parser)
+            _FORENSICS[method.prefix].add(parser)
     return parser
 
 
@@ -212,7 +274,23 @@ def clipping_config(args: argparse.Namespace) -> ZClipConfig | AdaGCConfig | Non
         raise ConfigError(f"--optimizer-cuda-graph cannot be used with --{'adagc' if adagc_enabled(args) else 'zclip'}: "
                           "the clipping decision is taken on the host every step; drop --optimizer-cuda-graph")
     if adagc_enabled(args):
-        return adagc_config_from_args(args)
+        config = adagc_config_from_args(args)
+        forensics_config(args, "adagc")  # validated here too: before anything is built
+        return config
     if enabled(args):
-        return config_from_args(args)
+        config = config_from_args(args)
+        forensics_config(args, "zclip")
+        return config
     return None
+
+
+def forensics_config(args: argparse.Namespace, method: str | None = None) -> ForensicsConfig:
+    """The spike-forensics settings of ``--<method>-forensics*`` (``method``: ``"zclip"`` or ``"adagc"``;
+    default: the one turned on). On unless ``--no-<method>-forensics``; replica attribution off unless
+    ``--<method>-forensics-replicas``. Raises :class:`ConfigError` naming the flag
+    (``--zclip-forensics-top-k = -1 is invalid: allowed an integer >= 0``)."""
+    if method is None:
+        method = "adagc" if adagc_enabled(args) else "zclip"
+    if method not in _FORENSICS:
+        raise ValueError(f"method = {method!r} is invalid: allowed 'zclip' or 'adagc'")
+    return _FORENSICS[method].build(args)

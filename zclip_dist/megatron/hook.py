@@ -1,5 +1,6 @@
 """What ZClip and AdaGC do alike to a megatron-core optimizer: the class swap (:func:`prepare`), the
-checkpoint entries, the expert-TP norm fix and :func:`log_metrics`. Where they enter the release's own
+checkpoint entries, the expert-TP norm fix, spike forensics (:func:`attach_forensics`; the work is in
+:mod:`zclip_dist.megatron.forensics`) and :func:`log_metrics`. Where they enter the release's own
 ``step()`` (its norm read and its clip call) is :mod:`zclip_dist.megatron.intercept`; each method's
 decision and clip are in :mod:`zclip_dist.megatron.zclip` / :mod:`zclip_dist.megatron.adagc`; how
 Megatron computes and applies its norm is in ``docs/internals/megatron.md``.
@@ -22,11 +23,12 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from ..clipper import verify_same_config
+from ..clipper import host_value, verify_same_config
 from .intercept import StepHooks, check_core_version, core_version
 
 __all__ = ["attached_optimizer", "is_attached", "method_of", "clipper_of", "sub_optimizers", "fix_expert_tp_norm",
-           "log_metrics", "core_version", "check_core_version", "STATE_KEY", "STATE_KEYS", "LOG_METRICS"]
+           "log_metrics", "attach_forensics", "forensics_of", "core_version", "check_core_version", "STATE_KEY",
+           "STATE_KEYS", "LOG_METRICS"]
 
 logger = logging.getLogger("zclip_dist.megatron")
 
@@ -202,24 +204,98 @@ def attached_optimizer() -> Any:
     return _ATTACHED[0]
 
 
+def forensics_config_from_megatron(method: str) -> Any:
+    """The ``--<method>-forensics*`` settings of Megatron-LM's parsed arguments when they exist (a patched
+    Megatron-LM fork calls ``wrap_optimizer`` without them), else the defaults."""
+    from ..config import ForensicsConfig
+
+    try:
+        from megatron.training import global_vars
+    except ImportError:  # megatron-core alone: no Megatron-LM arguments
+        return ForensicsConfig()
+    args = getattr(global_vars, "_GLOBAL_ARGS", None)
+    if args is None or not hasattr(args, f"{method}_forensics"):
+        return ForensicsConfig()
+    from .flags import forensics_config
+
+    return forensics_config(args, method)
+
+
+def attach_forensics(optimizer: Any, clipper: Any, method: str, forensics: Any, model: Any,
+                     on_event: Any, names: Any = None) -> Any:
+    """Spike forensics for the attached method (:mod:`zclip_dist.megatron.forensics`); ``None`` when off.
+
+    ``forensics``: a :class:`~zclip_dist.config.ForensicsConfig`, a mapping, a bool, or ``None`` (the
+    ``--<method>-forensics*`` flags of Megatron-LM's arguments, else the defaults: on, replicas off).
+    """
+    from ..config import ForensicsConfig
+    from .adagc import _is_distributed, _main_to_model, _model_chunks
+    from .forensics import MegatronForensics
+
+    config = (forensics_config_from_megatron(method) if forensics is None
+              else ForensicsConfig.coerce(forensics, source=f"{method} forensics"))
+    optimizer._zclip_forensics = None
+    if not config.enabled:
+        return None
+    subs = [s for s in sub_optimizers(optimizer) if not getattr(s, "is_stub_optimizer", False)]
+    mains = []
+    if names is None:
+        try:
+            for sub in subs:
+                owner = _main_to_model(sub)
+                mains += [(m, owner[id(m)], uses_decoupled_grad(sub)) for m in sub.get_parameters()
+                          # out of the norm ZClip decides on (0.19's MTP heads): out of its shares too
+                          if getattr(owner[id(m)], "grad_norm_group", None) is None]
+        except (ValueError, KeyError) as err:  # an optimizer layout whose main parameters name no model parameter
+            logger.warning("%s forensics: off for %s (%s)", method, type(optimizer).__name__, err)
+            return None
+    # ZClip's step count is a CPU tensor; AdaGC's is counted on the host (MegatronForensics.steps).
+    step_of = (lambda: int(host_value(clipper.state.steps))) if method == "zclip" else None
+    fx = MegatronForensics(config=config, method=method, device=optimizer._zclip_device,
+                           dist_opt=any(_is_distributed(s) for s in subs), model=_model_chunks(optimizer, model),
+                           step_of=step_of, mains=mains, names=names, on_event=on_event)
+    clipper.recorder = fx.recorder
+    if clipper.config.log_jsonl is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        fx.recorder.keep_for_log = True  # events read before the first JSON line wait for one
+    optimizer._zclip_forensics = fx
+    return fx
+
+
+def forensics_of(optimizer: Any) -> Any:
+    """The :class:`~zclip_dist.megatron.forensics.MegatronForensics` of the attached method, or ``None`` (off)."""
+    clipper_of(optimizer)
+    return getattr(optimizer, "_zclip_forensics", None)
+
+
 def log_metrics(optimizer: Any, iteration: int, writer: Any = None, wandb_writer: Any = None,
                 names: Iterable[str] | None = None) -> dict[str, Any]:
     """Write the last step's metrics to Megatron's TensorBoard / W&B writers as ``zclip/<name>`` (ZClip) or
     ``adagc/<name>`` (AdaGC; names in ``megatron_adagc.LOG_METRICS``).
 
     One host transfer, and only where a writer exists (Megatron-LM creates them on the last rank);
-    call it at the log interval. Returns what was written.
+    call it at the log interval. Spike-forensics events since the last call go to the same writers as
+    ``<method>/event/grad_norm``, ``<method>/event/param/<name>`` and ``<method>/event/replica/<index>``
+    (shares), each at its own iteration (AdaGC: the event buffer comes along, one more transfer).
+    Returns the metrics written.
     """
     if writer is None and wandb_writer is None:
         return {}
+    fx = getattr(optimizer, "_zclip_forensics", None)
+    if fx is not None:
+        fx.write_to(iteration, writer, wandb_writer)
     method = method_of(optimizer)
     if names is None:
         names = LOG_METRICS if method == "zclip" else getattr(type(optimizer), "_zclip_log_metrics", ())
     metrics = clipper_of(optimizer).metrics()
     out = {f"{method}/{n}": float(metrics[n]) for n in names if n in metrics}
+    write_scalars(out, iteration, writer, wandb_writer)
+    return out
+
+
+def write_scalars(scalars: dict[str, float], iteration: int, writer: Any = None, wandb_writer: Any = None) -> None:
+    """Scalars to Megatron's TensorBoard writer (``add_scalar``) and W&B writer (``log``) at ``iteration``."""
     if writer is not None:
-        for key, value in out.items():
+        for key, value in scalars.items():
             writer.add_scalar(key, value, iteration)
     if wandb_writer is not None:
-        wandb_writer.log(out, iteration)
-    return out
+        wandb_writer.log(scalars, iteration)

@@ -191,6 +191,9 @@ class StepHooks:
         """The release's own step, with the method deciding on its norm and doing its clip."""
         with _inside_step(self) as step:
             result = self._zclip_base.step(self)
+        fx = getattr(self, "_zclip_forensics", None)
+        if fx is not None and not step.decided:  # e.g. an fp16 overflow: this step's replica norms are void
+            fx.end_step()
         if not step.decided and result[1] is not None:  # found-inf returns (False, None, None)
             raise RuntimeError("zclip_dist: megatron-core stepped without reading the gradient norm; this release's "
                                "step() is not one zclip_dist supports")

@@ -79,7 +79,7 @@ def _patched_factory(original: Callable) -> Callable:
         if config is not None:
             # get_megatron_optimizer(config, model_chunks, ...): the chunks name AdaGC's tensors.
             model = kwargs.get("model_chunks", args[1] if len(args) > 1 else None)
-            optimizer = zmeg.wrap_optimizer(optimizer, config, model=model)
+            optimizer = zmeg.wrap_optimizer(optimizer, config, model=model, forensics=zmeg.forensics_config(margs))
         return optimizer
     return factory
 

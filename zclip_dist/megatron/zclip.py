@@ -24,7 +24,8 @@ import torch
 
 from ..clipper import Clipper, host_value
 from ..config import ZClipConfig
-from .hook import STATE_KEY, pop_entries, prepare, register, with_entry
+from ..forensics import Event
+from .hook import STATE_KEY, attach_forensics, pop_entries, prepare, register, with_entry
 
 __all__ = ["attach"]
 
@@ -41,11 +42,14 @@ class _Overrides:
     _zclip_config: ZClipConfig
     _zclip_base: type
     _zclip_max_norm: float  # this step's threshold for Megatron's clip (+inf: no clip)
+    _zclip_forensics: Any  # MegatronForensics or None
 
     def _zclip_decide(self, norm: float, finite: bool) -> None:
         """This step's norm, identical on every rank: update the statistics (exactly once per step)."""
         decision = self.zclip.step(torch.tensor(norm, dtype=torch.float64))
         self._zclip_max_norm = host_value(decision.clip_to) if finite else math.inf  # +inf: not clipping
+        if self._zclip_forensics is not None:  # before the clip: the squares are of the pre-clip gradients
+            self._zclip_forensics.after_zclip_step(self.zclip)
 
     def _zclip_clip(self, params: list, total_norm: float, use_decoupled_grad: bool, stock_clip: Callable) -> None:
         """Megatron's clip of the main gradients, to ZClip's threshold instead of ``--clip-grad``."""
@@ -68,11 +72,13 @@ class _Overrides:
         return self._zclip_base.load_state_dict(self, state_dict, *args, **kwargs)
 
 
-def attach(optimizer: Any, config: ZClipConfig) -> Any:
+def attach(optimizer: Any, config: ZClipConfig, model: Any = None, forensics: Any = None,
+           on_event: Callable[[Event], None] | None = None) -> Any:
     """Attach ZClip to ``optimizer`` in place and return it (the same object).
 
     Accepts what ``get_megatron_optimizer`` returns: ``ChainedOptimizer`` (dense + expert
     sub-optimizers), ``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``.
+    ``model``, ``forensics``, ``on_event``: spike forensics (see :func:`zclip_dist.megatron.wrap_optimizer`).
     """
     prepare(optimizer, config, "zclip", _Overrides)
     # "raise" is enforced in intercept on the host float; the clipper itself would read its flag every step.
@@ -80,4 +86,8 @@ def attach(optimizer: Any, config: ZClipConfig) -> Any:
     # The norm arrives as a host float: the statistics live on the CPU, where reading them costs nothing.
     optimizer.zclip = Clipper(inner, device="cpu")
     optimizer._zclip_max_norm = math.inf
-    return register(optimizer)
+    register(optimizer)
+    if attach_forensics(optimizer, optimizer.zclip, "zclip", forensics, model, on_event) is not None:
+        # The event row is written after the decision, so the JSON line is written after it too.
+        optimizer.zclip.jsonl_every_interval = False
+    return optimizer
