@@ -95,7 +95,8 @@ def test_events_from_tensorboard_scalars(tmp_path, capsys):
     writer = SummaryWriter(str(tmp_path / "tb"))
     for step in range(1, 12):
         bad = step == nan.step
-        writer.add_scalar("grad-norm", math.nan if bad else 1.0 + 40 * (step == spike.step), step)
+        if step % 5 == 0:  # Megatron's own norm, every --log-interval iterations
+            writer.add_scalar("grad-norm", 1.0, step)
         writer.add_scalar("zclip/grad_norm", math.nan if bad else 1.0 + 40 * (step == spike.step), step)
         for flag, on in (("clipped", step == spike.step), ("spike", step == spike.step), ("nonfinite", bad)):
             writer.add_scalar(f"zclip/{flag}", float(on), step)
@@ -112,6 +113,9 @@ def test_events_from_tensorboard_scalars(tmp_path, capsys):
     assert [r.replica for r in got_spike.replicas] == [3, 0]
     assert got_nan.kinds == ("nonfinite",) and got_nan.grad_norm is None
     assert got_nan.params[0] == ("output_layer.weight", None, True)  # NaN first, as recorded
+    # replay reads Megatron's grad-norm (logged every 5 iterations) and keeps the events all the same
+    replay = _cli(capsys, "replay", str(tmp_path / "tb"), "--no-png")
+    assert "[grad-norm]" in replay and "forensics: 2 event(s)" in replay and "2 at steps the trace does not hold" in replay
 
 
 @pytest.mark.slow

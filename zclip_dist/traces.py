@@ -307,43 +307,51 @@ def read_tensorboard(path: str, field_name: str | None = None, samples_per_step:
     prefix = tag.rsplit("/", 1)[0] + "/" if "/" in tag else None
     others = {t[len(prefix):]: {e.step: e.value for e in acc.Scalars(t)}
               for t in tags if prefix and t.startswith(prefix) and t != tag}
-    scalars = {name[len(EVENT_TAG):]: others.pop(name) for name in list(others) if name.startswith(EVENT_TAG)}
+    for name in [n for n in others if n.startswith(EVENT_TAG)]:
+        del others[name]  # the events' scalars: read below
     columns = {name: [values.get(x) for x in xs] for name, values in others.items()}
     source = run if run == path else f"{path} ({os.path.relpath(run, path)})"
     return _finish(source, tag, list(steps), [float(e.value) for e in events], columns, notes=notes,
-                   events=_events_from_scalars(scalars, dict(zip(xs, steps)), columns, xs,
-                                                  "adagc" if "adagc" in tag else "zclip"))
+                   events=_tensorboard_events(acc, tags, dict(zip(xs, steps)) if steps is not xs else None))
 
 
-def _events_from_scalars(scalars: Mapping[str, Mapping[int, float]], step_of: Mapping[int, int],
-                         columns: Mapping[str, list[Any]], xs: list[int], method: str) -> list[Event]:
-    """Events rebuilt from a monitor's ``event/grad_norm``, ``event/param/<name>`` and
-    ``event/replica/<i>`` scalars (x = the sample count or iteration the event was logged at)."""
-    at = {x: i for i, x in enumerate(xs)}
-
-    def flag(name: str, x: int) -> bool:
-        values = columns.get(name)
-        return bool(values[at[x]]) if values is not None and x in at and values[at[x]] is not None else False
-
-    def share(value: float) -> tuple[float | None, bool]:
-        return (None, True) if math.isnan(value) else (float(value), False)
-
+def _tensorboard_events(acc: Any, tags: list[str], step_of: dict[int, int] | None) -> list[Event]:
+    """Events rebuilt from a monitor's ``<prefix>event/grad_norm``, ``.../param/<name>`` and
+    ``.../replica/<i>`` scalars, whatever tag the norm was read from (Megatron's ``grad-norm`` included);
+    the kinds from the ``<prefix>clipped`` / ``spike`` / ``nonfinite`` (AdaGC: ``num_clipped_tensors``)
+    scalars at the same x. ``step_of``: DeepSpeed's sample count -> step (completed by ``<prefix>step``,
+    written with every event; an x found in neither is left out); None: x is the step (Megatron's iteration)."""
     out = []
-    for x, norm in sorted((scalars.get("grad_norm") or {}).items()):
-        if x not in step_of:
-            continue
-        params = sorted(((name[len("param/"):], *share(v[x])) for name, v in scalars.items()
-                         if name.startswith("param/") and x in v), key=lambda p: (not p[2], -(p[1] or 0.0)))
-        replicas = sorted(((int(name[len("replica/"):]), *share(v[x])) for name, v in scalars.items()
-                           if name.startswith("replica/") and x in v), key=lambda r: (not r[2], -(r[1] or 0.0)))
-        # AdaGC logs no "clipped" flag: a step is clipped when it clipped at least one tensor.
-        kinds = tuple(k for k in ("clipped", "spike", "nonfinite")
-                      if flag(k, x) or (k == "clipped" and flag("num_clipped_tensors", x)))
-        out.append(Event(step=step_of[x], method=method, kinds=kinds,
-                         grad_norm=float(norm) if math.isfinite(norm) else None, threshold=None,
-                         params=tuple(Share(n, s, bad) for n, s, bad in params),
-                         replicas=tuple(ReplicaShare(i, (), s, bad) for i, s, bad in replicas)))
+    for norm_tag in [t for t in tags if t.endswith(EVENT_TAG + "grad_norm")]:
+        base = norm_tag[:-len("grad_norm")]
+        prefix = base[:-len(EVENT_TAG)]
+
+        def values(tag: str) -> dict[int, float]:
+            return {e.step: e.value for e in acc.Scalars(tag)} if tag in tags else {}
+
+        flags = {k: values(prefix + k) for k in ("clipped", "spike", "nonfinite", "num_clipped_tensors")}
+        shares = {t[len(base):]: values(t) for t in tags if t.startswith(base) and t != norm_tag}
+        method = "adagc" if "adagc" in prefix else "zclip"
+        known = None if step_of is None else {**{x: int(v) for x, v in values(prefix + "step").items()}, **step_of}
+        for x, norm in sorted(values(norm_tag).items()):
+            if known is None or x in known:
+                out.append(_event_at(x, x if known is None else known[x], norm, shares, flags, method))
     return out
+
+
+def _event_at(x: int, step: int, norm: float, shares: Mapping[str, Mapping[int, float]],
+              flags: Mapping[str, Mapping[int, float]], method: str) -> Event:
+    def entries(kind: str) -> list[tuple[str, float | None, bool]]:
+        got = [(name[len(kind):], None if math.isnan(v[x]) else float(v[x]), math.isnan(v[x]))
+               for name, v in shares.items() if name.startswith(kind) and x in v]
+        return sorted(got, key=lambda e: (not e[2], -(e[1] or 0.0)))  # NaN/Inf first, then by share
+
+    # AdaGC logs no "clipped" flag: a step is clipped when it clipped at least one tensor.
+    kinds = tuple(k for k in ("clipped", "spike", "nonfinite")
+                  if flags[k].get(x) or (k == "clipped" and flags["num_clipped_tensors"].get(x)))
+    return Event(step=step, method=method, kinds=kinds, grad_norm=float(norm) if math.isfinite(norm) else None,
+                 threshold=None, params=tuple(Share(n, s, bad) for n, s, bad in entries("param/")),
+                 replicas=tuple(ReplicaShare(int(i), (), s, bad) for i, s, bad in entries("replica/")))
 
 
 # ---- any ----------------------------------------------------------------------------------------
