@@ -7,7 +7,7 @@ replicas that carried the squared gradient norm (:mod:`zclip_dist.forensics`).
   tensor group (DP, or TP x DP with an mpu) gives every whole tensor's squared norm.
 
   - ZClip (the ``clip_grad`` property): the host already reads ZClip's ceiling once per step (DeepSpeed
-    branches on it). The event flag travels in that same transfer, so only event steps measure: the
+    branches on it), and a finite ceiling is a clipped step, so only event steps measure: the
     squares of the still-unclipped pieces (the first ``clip_grad`` read happens inside the first group's
     unscale-and-clip, before its multiply; later groups are still in ``averaged_gradients``) and one
     all-reduce. An ordinary step adds no kernel, no collective and no host read.
@@ -38,6 +38,7 @@ forensics is off; an explicit ``"forensics"`` entry is refused by name (:func:`u
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from ..config import ForensicsConfig
 from ..events import Forensics
-from ..forensics import Event, event_flags, kind_weights
+from ..forensics import Event
 from ..norms import ACC_DTYPE
 from ..topology import Topology
 from .zero_layouts import PieceSquares, Zero12Layout
@@ -139,7 +140,6 @@ class ZeroForensics:
         self.squares = PieceSquares(layout, topology, engine.device)
         self.fx.bind([names.get(id(p), f"param.{k}") for k, p in enumerate(layout.params)])
         self._n = len(layout.params)
-        self._kinds = kind_weights(config.events, engine.device)
         self._row: dict[str, Tensor] | None = None  # this step's decision row (ZClip), until it is known
         self._captured: tuple[Tensor, Tensor | None] | None = None  # a non-finite step's squares, replicas
         self.recorder.keep_for_log = engine.global_rank == 0  # rank 0 writes the JSONL line and monitor
@@ -175,12 +175,16 @@ class ZeroForensics:
 
     # ---- ZClip: the host knows ---------------------------------------------------------------------
     def ceiling_and_flag(self, clip_to: Tensor) -> tuple[float, bool]:
-        """ZClip's ceiling and whether this step is an event, in one device->host transfer (the one the
-        clip_grad property makes anyway)."""
-        row = self._row
-        is_event, _ = event_flags(self._kinds, clipped=row["clipped"], spike=row["spike"], nonfinite=row["nonfinite"])
-        clip, event = torch.stack([clip_to.to(torch.float64), is_event.to(torch.float64)]).tolist()
-        return clip, event > 0
+        """ZClip's ceiling and whether this step is an event, from the one device->host transfer the
+        clip_grad property makes anyway. The norm is finite here (DeepSpeed skipped non-finite steps
+        earlier) and a spike is always clipped, so "clipped" is the ceiling being finite: no extra kernel.
+        Only ``events: ["spike"]`` without "clipped" reads the spike flag, in the same transfer."""
+        kinds = self.fx.config.events
+        if "clipped" not in kinds and "spike" in kinds:
+            clip, spike = torch.stack([clip_to.to(torch.float64), self._row["spike"].to(torch.float64)]).tolist()
+            return clip, spike > 0
+        clip = clip_to.item()
+        return clip, "clipped" in kinds and math.isfinite(clip)
 
     def measure_event(self, opt: Any) -> None:
         """An event step (every rank takes this branch: the decision is identical everywhere): the
