@@ -18,6 +18,7 @@ import types
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from zclip_dist.config import ConfigError
@@ -30,6 +31,8 @@ from .ds_harness import Monitor, call_in_rank
 from .test_forensics import _check_event
 
 WORLD = 2
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
+               "broadcast", "reduce", "all_to_all_single", "barrier")
 SPIKE_REPLICA, NAN_REPLICA = 1, 0
 ADAGC = {"warmup_steps": 4, "max_grad_norm": 1000.0}
 
@@ -72,21 +75,41 @@ def _train(rank: int, case: dict, forensics) -> dict:
     seen: list[Event] = []
     net = fm.make_net()
     _same_graph_everywhere(net)
-    engine, *_ = zds.initialize(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.02),
+    params = list(net.parameters())
+    groups = [{"params": params[:2]}, {"params": params[2:]}] if case.get("groups") else params
+    engine, *_ = zds.initialize(model=net, optimizer=torch.optim.SGD(groups, lr=0.02),
                                 config=_config(case, forensics), on_event=seen.append)
     monitor = engine.monitor = Monitor()
     dtype = torch.bfloat16 if case.get("bf16") else torch.float32
-    out = {"reads": [], "params": {}}
+    out = {"reads": [], "collectives": [], "params": {}}
+    calls: list[str] = []
+    originals = {fn: getattr(dist, fn) for fn in COLLECTIVES}
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            calls.append(fn)
+            return originals[fn](*args, **kwargs)
+
+        return wrapper
+
     for step in range(fm.STEPS):
         if step in (fm.SPIKE_STEP, fm.NAN_STEP):
             out["params"][step] = {n: safe_get_full_fp32_param(p).detach().clone()
                                    for n, p in engine.module.named_parameters()}
         fm.set_factors(engine.module, fm.factors_at(step, rank, SPIKE_REPLICA, NAN_REPLICA))
         x, y = (t.to(dtype) for t in fm.batch(step, rank))
-        engine.backward(F.mse_loss(engine(x), y))
-        with count_host_reads() as reads:
-            engine.step()
+        calls.clear()
+        for fn in COLLECTIVES:  # backward (DeepSpeed reduces there, the replica meter measures) and step
+            setattr(dist, fn, counting(fn))
+        try:
+            engine.backward(F.mse_loss(engine(x), y))
+            with count_host_reads() as reads:
+                engine.step()
+        finally:
+            for fn, original in originals.items():
+                setattr(dist, fn, original)
         out["reads"].append(sum(reads.values()))
+        out["collectives"].append(len(calls))
     engine._zclip.events()  # AdaGC: other ranks read their clipped steps' rows here
     out.update(events=[e.to_json() for e in seen], monitor=monitor.events, on=engine._zclip.forensics is not None)
     return out
@@ -112,7 +135,9 @@ def _refusals(rank: int) -> dict:
 CASES = {  # name -> (case, forensics entry)
     "zero2_fp32": ({"jsonl": True}, {"replicas": True}),
     "zero2_fp32_off": ({}, False),
-    "zero1_fp32": ({"stage": 1}, {"replicas": True}),
+    # two parameter groups: at the first clip_grad read, group 0 sits in its flat partition, group 1 not yet
+    "zero1_fp32": ({"stage": 1, "groups": True}, {"replicas": True}),
+    "zero1_fp32_off": ({"stage": 1, "groups": True}, False),
     "zero2_bf16": ({"bf16": True}, {"replicas": True}),
     "adagc_zero2": ({"adagc": True}, {"replicas": True, "events": ["clipped", "nonfinite"]}),
     "adagc_zero2_off": ({"adagc": True}, False),
@@ -168,9 +193,12 @@ def test_zclip_events_name_the_parameter_and_replica(runs, name):
     _check_event(nan, params, reps, lambda r: (r,))
     # ordinary steps: exactly the host reads DeepSpeed and ZClip make without forensics (none added)
     events_at = {fm.SPIKE_STEP, fm.NAN_STEP}
-    assert _ordinary(results, name, events_at) == _ordinary(results, "zero2_fp32_off", events_at)
+    assert _ordinary(results, name, events_at) == _ordinary(results, f"{name}_off", events_at)
     assert min(min(r) for r in _ordinary(results, name, events_at)) > 0  # the guard does see the engine's reads
-
+    # and no collective beyond DeepSpeed's on ordinary steps; one small all-reduce on each event step
+    for res, off in zip(results, [r[f"{name}_off"] for r in results]):
+        extra = [a - b for a, b in zip(res[name]["collectives"], off["collectives"])]
+        assert extra == [int(i in events_at) for i in range(fm.STEPS)], extra
 
 @pytest.mark.slow
 def test_bf16_names_the_parameter_and_replica(runs):
@@ -197,6 +225,9 @@ def test_adagc_events_name_the_parameter_and_replica(runs):
     quiet = set(range(fm.STEPS)) - {e.step - 1 for e in events.values()}  # AdaGC: no read on any step
     assert _ordinary(results, "adagc_zero2", set(range(fm.STEPS)) - quiet) == \
         _ordinary(results, "adagc_zero2_off", set(range(fm.STEPS)) - quiet)
+    for res in results:  # the replica slots ride in AdaGC's own all-reduce; a NaN step measures once more
+        extra = [a - b for a, b in zip(res["adagc_zero2"]["collectives"], res["adagc_zero2_off"]["collectives"])]
+        assert extra == [int(i == fm.NAN_STEP) for i in range(fm.STEPS)], extra
 
 
 @pytest.mark.slow
