@@ -61,9 +61,6 @@ def _count_in_step(name: str, adagc: dict | None, clip: float, rank: int) -> tup
     from tests.sync_guard import count_host_reads
     from zclip_dist import deepspeed as zds
 
-    # Every counted step clips a tensor here, and each such event's forensics row is read on rank 0 at
-    # that step: AdaGC's own reads are counted without forensics (its reads: test_deepspeed_forensics.py).
-    adagc = {**adagc, "forensics": False} if adagc is not None else None
     case = H.AdaGCCase(name, PATHS[name][0], adagc, clip, COUNT_STEPS + 1)
     model = H.mlp(case.hidden)
     engine, *_ = zds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),

@@ -222,9 +222,10 @@ def test_adagc_events_name_the_parameter_and_replica(runs):
     _check_event(spike, params, reps, lambda r: (r,))
     assert nan.kinds == ("nonfinite",) and nan.params[0] == (fm.NAN_PARAM, None, True)
     assert nan.replicas[0][::2] == (NAN_REPLICA, None)
-    quiet = set(range(fm.STEPS)) - {e.step - 1 for e in events.values()}  # AdaGC: no read on any step
-    assert _ordinary(results, "adagc_zero2", set(range(fm.STEPS)) - quiet) == \
-        _ordinary(results, "adagc_zero2_off", set(range(fm.STEPS)) - quiet)
+    assert len(events) > 2  # AdaGC clips tensors on other steps too: events whose rows rank 0 gets for free
+    # no host read added on any step, clipped ones included (rank 0 decodes the rows that come along with
+    # the metrics' non-blocking copy); the NaN step reads its row on every rank
+    assert _ordinary(results, "adagc_zero2", {fm.NAN_STEP}) == _ordinary(results, "adagc_zero2_off", {fm.NAN_STEP})
     for res in results:  # the replica slots ride in AdaGC's own all-reduce; a NaN step measures once more
         extra = [a - b for a, b in zip(res["adagc_zero2"]["collectives"], res["adagc_zero2_off"]["collectives"])]
         assert extra == [int(i == fm.NAN_STEP) for i in range(fm.STEPS)], extra

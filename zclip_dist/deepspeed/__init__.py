@@ -45,7 +45,7 @@ from .config import (
 from .groups import MegatronMPU
 from .zclip import DeepSpeedZClip
 
-__all__ = ["initialize", "attach", "resolve_config", "DeepSpeedZClip", "DeepSpeedAdaGC", "MegatronMPU",
+__all__ = ["initialize", "attach", "resolve_config", "resolve_forensics", "DeepSpeedZClip", "DeepSpeedAdaGC", "MegatronMPU",
            "UnsupportedConfiguration", "CONFIG_KEY", "ADAGC_CONFIG_KEY", "CLIENT_STATE_KEY"]
 
 

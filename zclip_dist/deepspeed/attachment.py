@@ -162,8 +162,12 @@ class Attachment:
             return
         engine = self.engine
         every = engine.steps_per_print() or 1
-        self._records.push(self.clipper.metrics_tensor(),
-                           (self._calls, engine.global_samples, engine.global_steps % every == 0))
+        vector = self.clipper.metrics_tensor()
+        tail = self.forensics.latest() if self.forensics is not None else None
+        if tail is not None:  # AdaGC's newest event row travels with the metrics: no read of its own
+            vector = torch.cat([vector.to(torch.float64), tail])
+        self._records.push(vector, (self._calls, engine.global_samples, engine.global_steps % every == 0,
+                                    0 if tail is None else tail.numel()))
         self._write(self._records.landed())
 
     def flush(self) -> None:
@@ -175,10 +179,10 @@ class Attachment:
         monitor = getattr(self.engine, "monitor", None)
         to_monitor = monitor is not None and monitor.enabled
         interval = self.config.log_interval
-        for values, (call, samples, on_print_step) in landed:
-            metrics = self._to_host(values)
+        for values, (call, samples, on_print_step, tail) in landed:
+            metrics = self._to_host(values[:len(values) - tail])
             event = self._is_event(metrics)
-            events = self.forensics.for_log(event) if self.forensics is not None and event else []
+            events = self.forensics.for_log(values[len(values) - tail:]) if self.forensics is not None and event else []
             if to_monitor and (on_print_step or event):
                 rows = [(self.metric_prefix + k, float(v), samples) for k, v in metrics.items()]
                 for e in events:  # at the sample count of the step whose metrics carry them

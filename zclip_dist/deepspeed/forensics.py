@@ -26,9 +26,10 @@ replicas that carried the squared gradient norm (:mod:`zclip_dist.forensics`).
   further collective, and only on event steps for ZClip.
 
 * **Reading.** ZClip's and every non-finite step's rows are read at the step, on every rank (the host
-  knows it is an event: one transfer) and handed to ``on_event``. AdaGC's other events are read on rank 0
-  when the step's metrics reach the host and say "clipped", elsewhere every ``read_every`` steps and at
-  :meth:`~zclip_dist.deepspeed.attachment.Attachment.events`. Rank 0 writes them to the JSON-lines
+  knows it is an event: one transfer) and handed to ``on_event``. AdaGC decides on the device, so its
+  newest row rides in rank 0's non-blocking metrics copy (:mod:`~zclip_dist.deepspeed.events`) and is
+  decoded when that copy lands, without a read; other ranks read theirs every ``read_every`` steps and
+  at :meth:`~zclip_dist.deepspeed.attachment.Attachment.events`. Rank 0 writes them to the JSON-lines
   file (the line's ``events`` field) and to the monitor (``Train/zclip/event/...``).
 
 Supported: ZeRO stage 1 or 2 in fp32 or bf16, without offload, MoE layers or a pipeline; replica
@@ -205,10 +206,16 @@ class ZeroForensics:
             self.meter.local.zero_()
 
     # ---- reading ------------------------------------------------------------------------------------
-    def for_log(self, event: bool) -> list[Event]:
-        """Rank 0, when a step's metrics have reached the host: the events to write with them."""
-        if event and self.every_step:
-            self.recorder.read()  # AdaGC: its rows were written on the device; this is an event step
+    def latest(self) -> Tensor | None:
+        """AdaGC (rows written on the device every step): ``[count, newest row]`` to copy to the host with
+        the step's metrics (rank 0); ``None`` for ZClip, whose rows are read at the step."""
+        return self.recorder.latest() if self.every_step else None
+
+    def for_log(self, latest: list[float]) -> list[Event]:
+        """Rank 0, when an event step's metrics have reached the host: the events to write with them
+        (AdaGC: decoded from the copy of :meth:`latest` that came along, no transfer)."""
+        if latest:
+            self.recorder.take_latest(latest)
         return self.recorder.take_unlogged()
 
     def events(self) -> list[Event]:
