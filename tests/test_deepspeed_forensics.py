@@ -226,9 +226,8 @@ def test_adagc_events_name_the_parameter_and_replica(runs):
     # no host read added on any step, clipped ones included (rank 0 decodes the rows that come along with
     # the metrics' non-blocking copy); the NaN step reads its row on every rank
     assert _ordinary(results, "adagc_zero2", {fm.NAN_STEP}) == _ordinary(results, "adagc_zero2_off", {fm.NAN_STEP})
-    for res in results:  # the replica slots ride in AdaGC's own all-reduce; a NaN step measures once more
-        extra = [a - b for a, b in zip(res["adagc_zero2"]["collectives"], res["adagc_zero2_off"]["collectives"])]
-        assert extra == [int(i == fm.NAN_STEP) for i in range(fm.STEPS)], extra
+    for res in results:  # the replica slots ride in AdaGC's own all-reduce, which ran before the NaN check
+        assert res["adagc_zero2"]["collectives"] == res["adagc_zero2_off"]["collectives"]
 
 
 @pytest.mark.slow

@@ -13,9 +13,10 @@ replicas that carried the squared gradient norm (:mod:`zclip_dist.forensics`).
     all-reduce. An ordinary step adds no kernel, no collective and no host read.
   - AdaGC measures the same squares every step anyway: they are the forensics squares, the per-replica
     vector rides in AdaGC's own all-reduce, and the row is written on the device (``torch.where``).
-  - Non-finite steps: DeepSpeed skips them before any norm, but first hands the overflow flag (read on
-    the host by its own check) to ``_update_scale`` while the gradients are still there: the squares are
-    taken then (one all-reduce) and recorded once the clipper has counted the step.
+  - Non-finite steps: DeepSpeed skips them before ZClip's decision, but first hands the overflow flag
+    (already a host bool) to ``_update_scale`` while the gradients are still there: the squares are taken
+    then (one all-reduce) and recorded once the clipper has counted the step. AdaGC, when it has already
+    measured beside DeepSpeed's norm (the NaN found there), only reads the row written then.
 
 * **Replicas** (``replicas: true``): a :class:`~zclip_dist.replicas.ReplicaMeter` adds the squared norm of
   each IPG bucket (``average_tensor``, ``buffered_reduce_fallback``) *before* DeepSpeed reduces it: this
@@ -105,7 +106,7 @@ def _update_scale(self: Any, has_overflow: bool = False) -> Any:
     # DeepSpeed's overflow decision, already on the host; the gradients are released right after.
     hook = self.__dict__["_zclip"]
     if has_overflow and hook.open:
-        hook.forensics.capture_nonfinite(self)
+        hook.forensics.capture_nonfinite(self, decided=hook.clipper.last is not None)
     return super(type(self), self)._update_scale(has_overflow)
 
 
@@ -194,9 +195,15 @@ class ZeroForensics:
         self.recorder.record(**self._row, squares=squares, replicas=replicas)
         self.recorder.read()
 
-    def capture_nonfinite(self, opt: Any) -> None:
-        """DeepSpeed found a NaN/Inf and will skip the step: measure while the gradients exist."""
-        if "nonfinite" in self.fx.config.events:
+    def capture_nonfinite(self, opt: Any, *, decided: bool) -> None:
+        """DeepSpeed found a NaN/Inf and will skip the step: measure while the gradients exist, or, when
+        the clipper has already decided on this step's squares (AdaGC measures next to DeepSpeed's norm,
+        which runs before its non-finite check unless ``check_grad_overflow``), read the row written then."""
+        if "nonfinite" not in self.fx.config.events:
+            return
+        if decided:
+            self.recorder.read()
+        else:
             self._captured = self.exchange(self.squares.local(opt))
 
     def end_step(self) -> None:
