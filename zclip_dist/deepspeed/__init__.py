@@ -17,7 +17,8 @@ so a different DP size can resume); metrics go to the engine's monitor as ``Trai
 ``Train/adagc/<name>``. Spike forensics: a ``"forensics"`` key inside the entry (``true``/``false`` or
 :class:`~zclip_dist.config.ForensicsConfig` keys; on by default on ZeRO-1/2 fp32/bf16), events to the
 JSON-lines file, the monitor (``Train/zclip/event/...``) and ``on_event`` (``initialize(..., on_event=fn)``,
-``attach(engine, on_event=fn)``; see :mod:`~zclip_dist.deepspeed.forensics`). ``MegatronMPU()`` adapts megatron-core ``parallel_state`` to DeepSpeed's ``mpu``.
+``attach(engine, on_event=fn)``; see :mod:`~zclip_dist.deepspeed.forensics`). ``MegatronMPU()`` adapts
+megatron-core ``parallel_state`` to DeepSpeed's ``mpu``.
 
 Modules: ``config`` (the entries), ``groups`` (the engine's process groups), ``attachment`` (what both
 methods share: step bracket, checkpoints, metrics, refusals), ``events`` (which steps are written, found
@@ -45,8 +46,8 @@ from .config import (
 from .groups import MegatronMPU
 from .zclip import DeepSpeedZClip
 
-__all__ = ["initialize", "attach", "resolve_config", "resolve_forensics", "DeepSpeedZClip", "DeepSpeedAdaGC", "MegatronMPU",
-           "UnsupportedConfiguration", "CONFIG_KEY", "ADAGC_CONFIG_KEY", "CLIENT_STATE_KEY"]
+__all__ = ["initialize", "attach", "resolve_config", "resolve_forensics", "DeepSpeedZClip", "DeepSpeedAdaGC",
+           "MegatronMPU", "UnsupportedConfiguration", "CONFIG_KEY", "ADAGC_CONFIG_KEY", "CLIENT_STATE_KEY"]
 
 
 def _deepspeed_initialize() -> Any:

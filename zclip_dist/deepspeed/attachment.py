@@ -36,7 +36,14 @@ import torch
 
 from ..config import AdaGCConfig, ForensicsConfig
 from ..forensics import Event, event_scalars
-from .config import ADAGC_CONFIG_KEY, CLIENT_STATE_KEY, CONFIG_KEY, FORENSICS_KEY, METRIC_PREFIX, UnsupportedConfiguration
+from .config import (
+    ADAGC_CONFIG_KEY,
+    CLIENT_STATE_KEY,
+    CONFIG_KEY,
+    FORENSICS_KEY,
+    METRIC_PREFIX,
+    UnsupportedConfiguration,
+)
 from .events import StepRecords
 from .forensics import ZeroForensics, replica_namespace, unsupported_reason
 
@@ -213,7 +220,8 @@ class Attachment:
 
         opt = engine.optimizer
         self.forensics = ZeroForensics(
-            engine, cfg, method=method, layout=Zero12Layout(opt), topology=sharded_topology(engine, opt.dp_process_group),
+            engine, cfg, method=method, layout=Zero12Layout(opt),
+            topology=sharded_topology(engine, opt.dp_process_group),
             names={id(p): n for n, p in engine.module.named_parameters()}, every_step=method == "adagc",
             on_event=self._on_event)
         self.clipper.recorder = self.forensics

@@ -53,8 +53,9 @@ def _warn_near_misses(param_dict: Mapping[str, Any]) -> None:
             warnings.warn(f"zclip_dist: the DeepSpeed config key {key!r} is not {close[0]!r}: DeepSpeed ignores it, so "
                           f"it clips nothing; rename it to {close[0]!r}", stacklevel=3)
         if _is_forensics(key):
-            warnings.warn(f"zclip_dist: the DeepSpeed config key {key!r} is not read: spike forensics settings belong "
-                          f"inside the clipping entry, as \"zclip\": {{..., \"{FORENSICS_KEY}\": {{...}}}}", stacklevel=3)
+            warnings.warn(f"zclip_dist: the DeepSpeed config key {key!r} is not read: spike forensics settings "
+                          f"belong inside the clipping entry, as \"zclip\": {{..., \"{FORENSICS_KEY}\": {{...}}}}",
+                          stacklevel=3)
         if isinstance(value, Mapping):
             for inner in value:
                 if isinstance(inner, str) and difflib.get_close_matches(inner.lower(), _METHODS, n=1, cutoff=0.8):
