@@ -5,7 +5,8 @@ on one replica before DeepSpeed's data-parallel reduction (``ScaleGrad`` inside 
 bad micro-batch would make it), later a NaN into another parameter on the other replica. The events must
 name that parameter and that replica first, with the shares of the full-model computation in one process,
 identical on every rank; ZClip records no other event; every ordinary ``engine.step()`` makes exactly
-the host reads it makes with forensics off; the events reach ``on_event``, the JSON-lines file and the
+the host reads and collectives it makes with forensics off (an event step: one more all-reduce); ZeRO-1
+with two parameter groups, bf16 and AdaGC too; the events reach ``on_event``, the JSON-lines file and the
 monitor. The settings are validated in the config entry, before any engine exists.
 """
 
@@ -39,7 +40,7 @@ ADAGC = {"warmup_steps": 4, "max_grad_norm": 1000.0}
 
 def _config(case: dict, forensics) -> dict:
     method = "adagc" if case.get("adagc") else "zclip"
-    entry = dict(ADAGC) if method == "adagc" else {k: v for k, v in fm.CFG.items()}
+    entry = dict(ADAGC) if method == "adagc" else dict(fm.CFG)
     if forensics is not None:
         entry["forensics"] = forensics
     if case.get("jsonl"):
