@@ -138,6 +138,28 @@ class EventRecorder:
                 self.on_event(event)
         return events
 
+    def latest(self) -> Tensor:
+        """``[count, newest row]`` on the device (float64), for a front end that copies values to the host
+        anyway (DeepSpeed's metrics, non-blocking) and hands the copy to :meth:`take_latest`."""
+        pos = torch.remainder(self.count - 1, self.buf.shape[0]).reshape(1)
+        return torch.cat([self.count.to(torch.float64).reshape(1), self.buf.index_select(0, pos)[0]])
+
+    def take_latest(self, values: Sequence[float]) -> list[Event]:
+        """Decode a host copy of :meth:`latest` when it holds an event not read yet (to ``on_event`` once,
+        as :meth:`read` does) without a transfer; several new events since the last read: :meth:`read`."""
+        count = int(values[0])
+        if count <= self._read:
+            return []
+        if count > self._read + 1:
+            return self.read()
+        events = [self._decode(list(values[1:]))]
+        self._read = count
+        if self.keep_for_log:
+            self._unlogged.extend(events)
+        if self.on_event is not None:
+            self.on_event(events[0])
+        return events
+
     def take_unlogged(self) -> list[Event]:
         """Events read since the last JSON line (the line's ``events`` field)."""
         out, self._unlogged = self._unlogged, []

@@ -23,13 +23,14 @@ the no-wrapper path. Metrics reach the host without a sync (:mod:`~zclip_dist.de
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..clipper import AdaGCClipper, adagc_to_host
-from ..config import AdaGCConfig
+from ..config import AdaGCConfig, ForensicsConfig
+from ..forensics import Event
 from ..norms import NormCalculator
 from ..topology import Topology
 from .attachment import (
@@ -41,7 +42,8 @@ from .attachment import (
 )
 from .config import ADAGC_METRIC_PREFIX, UnsupportedConfiguration
 from .groups import engine_topology, sharded_topology
-from .zero_layouts import Zero3Layout, Zero12Layout
+from .forensics import ZeroForensics
+from .zero_layouts import PieceSquares, Zero3Layout, Zero12Layout
 
 __all__ = ["DeepSpeedAdaGC"]
 
@@ -67,34 +69,26 @@ class _ShardedPerTensor:
         self.layout = layout
         self.topology = topology
         self.clipper = clipper
-        n = len(layout.params)
-        self.index = [torch.tensor(pos, dtype=torch.long, device=device) for pos in layout.positions]
-        self.all_index = torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.long, device=device)
-        counts = [topology.counts_in_tensor_group(p) for p in layout.params]
-        self.weights = None if all(counts) else torch.tensor(counts, dtype=torch.float32, device=device)
-        self.zeros = torch.zeros(n, dtype=torch.float32, device=device)
+        self.squares = PieceSquares(layout, topology, device)
+        self.index = self.squares.index
         self.factors: Tensor | None = None  # this step's multiplier per tensor (loss scale folded in)
+        self.forensics: ZeroForensics | None = None  # set when spike forensics is on
 
-    def local_squares(self, opt: Any) -> Tensor:
-        """Squared norms of this rank's pieces, scattered into the all-parameter vector (fp32, no sync)."""
-        pieces = [g for i in range(len(self.index)) for g in self.layout.pieces(opt, i)]
-        if not pieces:
-            return self.zeros.clone()
-        norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)).to(self.zeros.device)
-        sq = self.zeros.index_copy(0, self.all_index, norms.square_())
-        return sq if self.weights is None else sq.mul_(self.weights)  # 0 * NaN stays NaN on purpose
-
-    def whole_tensor_squares(self, opt: Any) -> Tensor:
+    def whole_tensor_squares(self, opt: Any) -> tuple[Tensor, Tensor | None]:
         """Squared norm of every *whole* tensor, identical on every rank: one bucketed all-reduce of the
         per-parameter vector over the topology's tensor group (the DP group, or TP x DP with an mpu),
-        because DP ranks hold disjoint pieces of the same tensors at the same vector positions."""
-        return self.topology.all_reduce_tensor_sum(self.local_squares(opt))
+        because DP ranks hold disjoint pieces of the same tensors at the same vector positions. With
+        replica attribution the per-replica vector rides in the same all-reduce (second value)."""
+        if self.forensics is not None:
+            return self.forensics.exchange(self.squares.local(opt))
+        return self.topology.all_reduce_tensor_sum(self.squares.local(opt)), None
 
     def measure(self, opt: Any, scale: Any) -> None:
-        sq = self.whole_tensor_squares(opt)
+        sq, replicas = self.whole_tensor_squares(opt)
         if not _is_one(scale):  # fp16: DeepSpeed's gradients still carry the loss scale
             sq = sq / (scale * scale)
-        decision = self.clipper.step(sq, sq.sum().sqrt())
+        # with forensics on, the clipper hands the squares to its recorder (device work only)
+        decision = self.clipper.step(sq, sq.sum().sqrt(), squares=sq, replicas=replicas)
         self.factors = decision.coefs if _is_one(scale) else decision.coefs / scale
 
     def apply(self, opt: Any, group: int) -> None:
@@ -161,13 +155,15 @@ class DeepSpeedAdaGC(Attachment):
 
     metric_prefix = ADAGC_METRIC_PREFIX
 
-    def __init__(self, engine: Any, config: AdaGCConfig) -> None:
-        super().__init__(engine, config)
+    def __init__(self, engine: Any, config: AdaGCConfig, forensics: ForensicsConfig | None = None, *,
+                 forensics_explicit: bool = False, on_event: Callable[[Event], None] | None = None) -> None:
+        super().__init__(engine, config, forensics, forensics_explicit=forensics_explicit, on_event=on_event)
         refuse_unsupported(engine, "adagc")
         _refuse_unsupported_adagc(engine)
         self.clipper = AdaGCClipper(config)
         self.names = _param_names(engine)
         self.sharded: _ShardedPerTensor | None = None
+        forensics_methods = self._forensics_namespace("adagc")  # ZeRO-1/2 fp32/bf16 only
         self._norms: NormCalculator | None = None
         opt = engine.optimizer
         self.wrapper = "clip_grad" in vars(opt)
@@ -175,7 +171,8 @@ class DeepSpeedAdaGC(Attachment):
         if stage in (1, 2):
             self._hook_sharded(Zero12Layout(opt), opt.dp_process_group,
                                {"scaled_global_norm": _measuring("scaled_global_norm"),
-                                "unscale_and_clip_grads": _zero12_unscale_and_clip})
+                                "unscale_and_clip_grads": _zero12_unscale_and_clip, **forensics_methods})
+            self.sharded.forensics = self.forensics
         elif stage == 3:
             self._hook_sharded(Zero3Layout(opt), opt.dp_process_group,
                                {"_get_norm_groups": _measuring("_get_norm_groups"),

@@ -12,6 +12,9 @@ here too.
   ``steps_per_print`` steps, and into ``log_jsonl`` every ``log_interval`` steps; a clipped, spike or
   non-finite step is written to both whatever the cadence (:mod:`~zclip_dist.deepspeed.events`: no device
   sync to find out).
+* Spike forensics (ZeRO-1/2, :mod:`~zclip_dist.deepspeed.forensics`): the clipper's ``recorder``; event
+  rows reach ``on_event``, the JSON-lines line (``events``) and the monitor
+  (``Train/zclip/event/grad_norm``, ``.../param/<name>``, ``.../replica/<i>``) at the event's sample count.
 * A non-finite norm: the wrappers skip the step (overflow) before the clip; the clipper then records the
   step as non-finite without touching its statistics. Under fp16 dynamic loss scaling that is a routine
   loss-scale overflow: recorded as ``inf``, never raised by ``nonfinite="raise"``. Without a wrapper the
@@ -27,13 +30,22 @@ import inspect
 import math
 import warnings
 import weakref
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..config import AdaGCConfig
-from .config import CLIENT_STATE_KEY, METRIC_PREFIX, UnsupportedConfiguration
+from ..config import AdaGCConfig, ForensicsConfig
+from ..forensics import Event, event_scalars
+from .config import (
+    ADAGC_CONFIG_KEY,
+    CLIENT_STATE_KEY,
+    CONFIG_KEY,
+    FORENSICS_KEY,
+    METRIC_PREFIX,
+    UnsupportedConfiguration,
+)
 from .events import StepRecords
+from .forensics import ZeroForensics, replica_namespace, unsupported_reason
 
 __all__ = ["Attachment", "swap_class", "keep_engine_clip_gate_open", "make_skippable", "refuse_unsupported",
            "record_loads"]
@@ -78,9 +90,14 @@ class Attachment:
 
     metric_prefix = METRIC_PREFIX
 
-    def __init__(self, engine: Any, config: Any) -> None:
+    def __init__(self, engine: Any, config: Any, forensics: ForensicsConfig | None = None, *,
+                 forensics_explicit: bool = False, on_event: Callable[[Event], None] | None = None) -> None:
         self.engine = engine
         self.config = config
+        self.forensics_config = forensics if forensics is not None else ForensicsConfig(top_k=0)
+        self._forensics_explicit = forensics_explicit
+        self._on_event = on_event
+        self.forensics: ZeroForensics | None = None
         self.open = False  # inside the engine's optimizer step
         self.loss_scaling = _uses_dynamic_loss_scaling(engine)
         self._calls = 0  # optimizer steps seen: the JSONL record's "call"
@@ -124,6 +141,8 @@ class Attachment:
             self._skipped_by_engine(math.inf if self.loss_scaling else math.nan, overflow=self.loss_scaling)
         else:
             self.engine._global_grad_norm = self.clipper.last.norm  # pre-clip and exact on every path
+        if self.forensics is not None:
+            self.forensics.end_step()
 
     def _skipped_by_engine(self, norm: float, overflow: bool) -> None:
         raise NotImplementedError
@@ -150,8 +169,12 @@ class Attachment:
             return
         engine = self.engine
         every = engine.steps_per_print() or 1
-        self._records.push(self.clipper.metrics_tensor(),
-                           (self._calls, engine.global_samples, engine.global_steps % every == 0))
+        vector = self.clipper.metrics_tensor()
+        tail = self.forensics.latest() if self.forensics is not None else None
+        if tail is not None:  # AdaGC's newest event row travels with the metrics: no read of its own
+            vector = torch.cat([vector.to(torch.float64), tail])
+        self._records.push(vector, (self._calls, engine.global_samples, engine.global_steps % every == 0,
+                                    0 if tail is None else tail.numel()))
         self._write(self._records.landed())
 
     def flush(self) -> None:
@@ -163,13 +186,51 @@ class Attachment:
         monitor = getattr(self.engine, "monitor", None)
         to_monitor = monitor is not None and monitor.enabled
         interval = self.config.log_interval
-        for values, (call, samples, on_print_step) in landed:
-            metrics = self._to_host(values)
+        for values, (call, samples, on_print_step, tail) in landed:
+            metrics = self._to_host(values[:len(values) - tail])
             event = self._is_event(metrics)
+            events = self.forensics.for_log(values[len(values) - tail:]) if self.forensics is not None and event else []
             if to_monitor and (on_print_step or event):
-                monitor.write_events([(self.metric_prefix + k, float(v), samples) for k, v in metrics.items()])
+                rows = [(self.metric_prefix + k, float(v), samples) for k, v in metrics.items()]
+                for e in events:  # at the sample count of the step whose metrics carry them
+                    rows += [(k, v, samples) for k, v in event_scalars(e, self.metric_prefix + "event/").items()]
+                monitor.write_events(rows)
             if event or call % interval == 0:
-                self.clipper.write_jsonl(call, metrics)
+                self.clipper.write_jsonl(call, {**metrics, "events": [e.to_json() for e in events]} if events
+                                         else metrics)
+
+    # ---- spike forensics ----------------------------------------------------------------------------
+    def _forensics_namespace(self, method: str) -> dict[str, Any]:
+        """Start spike forensics where this engine's path is covered; returns the methods to add to the
+        optimizer wrapper's one-off subclass. The default is quietly off elsewhere; an explicit
+        ``"forensics"`` entry there is refused by name."""
+        cfg = self.forensics_config
+        if not cfg.enabled:
+            return {}
+        engine = self.engine
+        reason = unsupported_reason(engine, cfg)
+        if reason is not None:
+            if self._forensics_explicit:
+                key = ADAGC_CONFIG_KEY if method == "adagc" else CONFIG_KEY
+                raise UnsupportedConfiguration(f"{key}.{FORENSICS_KEY}: {reason} (spike forensics covers ZeRO-1/2 in "
+                                               f"fp32 or bf16); remove the entry or set it to false")
+            return {}
+        from .groups import sharded_topology
+        from .zero_layouts import Zero12Layout
+
+        opt = engine.optimizer
+        self.forensics = ZeroForensics(
+            engine, cfg, method=method, layout=Zero12Layout(opt),
+            topology=sharded_topology(engine, opt.dp_process_group),
+            names={id(p): n for n, p in engine.module.named_parameters()}, every_step=method == "adagc",
+            on_event=self._on_event)
+        self.clipper.recorder = self.forensics
+        return replica_namespace(opt, cfg.replicas)
+
+    def events(self) -> list[Event]:
+        """Spike-forensics events not yet read on this rank (one host transfer), each handed to ``on_event``
+        once; ``[]`` without forensics."""
+        return self.forensics.events() if self.forensics is not None else []
 
     def metrics(self) -> dict[str, Any]:
         """The last step's metrics as Python numbers (one host transfer)."""

@@ -6,9 +6,12 @@
   the methods' own default (1.0) applies.
 * ``max_grad_norm``: a number, or ``null`` / ``"none"`` for no cap.
 * ``"enabled": false`` turns an entry off (DeepSpeed's own convention); the rest of it is still validated.
+* ``"forensics"`` inside the entry: spike forensics (:class:`~zclip_dist.config.ForensicsConfig` keys,
+  or ``true`` / ``false``); on by default where supported, replica attribution off
+  (:func:`resolve_forensics`).
 * Both entries at once are refused. DeepSpeed ignores unknown top-level keys, so a key that is almost ours
-  (``"zclp"``, ``"ZClip"``) or our entry inside another section (``zero_optimization.zclip``) would clip
-  nothing: both warn.
+  (``"zclp"``, ``"ZClip"``), our entry inside another section (``zero_optimization.zclip``) or
+  ``"forensics"`` outside the entry would do nothing: all warn.
 
 Importable without DeepSpeed (``zclip-dist replay --ds-config`` reads it).
 """
@@ -20,16 +23,17 @@ import math
 import warnings
 from typing import Any, Mapping
 
-from ..config import AdaGCConfig, ConfigError, ZClipConfig
+from ..config import AdaGCConfig, ConfigError, ForensicsConfig, ZClipConfig
 
 __all__ = ["CONFIG_KEY", "ADAGC_CONFIG_KEY", "CLIENT_STATE_KEY", "METRIC_PREFIX", "ADAGC_METRIC_PREFIX",
-           "UnsupportedConfiguration", "resolve_config"]
+           "FORENSICS_KEY", "UnsupportedConfiguration", "resolve_config", "resolve_forensics"]
 
 CONFIG_KEY = "zclip"
 ADAGC_CONFIG_KEY = "adagc"
 CLIENT_STATE_KEY = "zclip_dist"  # ZClip's or AdaGC's state; each carries its own format tag
 METRIC_PREFIX = "Train/zclip/"
 ADAGC_METRIC_PREFIX = "Train/adagc/"
+FORENSICS_KEY = "forensics"  # inside the "zclip" / "adagc" entry
 _METHODS = {CONFIG_KEY: ZClipConfig, ADAGC_CONFIG_KEY: AdaGCConfig}
 _METHOD_NAMES = {CONFIG_KEY: "ZClip", ADAGC_CONFIG_KEY: "AdaGC"}
 _NO_CAP = ("none", "null")
@@ -48,11 +52,23 @@ def _warn_near_misses(param_dict: Mapping[str, Any]) -> None:
         if close:
             warnings.warn(f"zclip_dist: the DeepSpeed config key {key!r} is not {close[0]!r}: DeepSpeed ignores it, so "
                           f"it clips nothing; rename it to {close[0]!r}", stacklevel=3)
+        if _is_forensics(key):
+            warnings.warn(f"zclip_dist: the DeepSpeed config key {key!r} is not read: spike forensics settings "
+                          f"belong inside the clipping entry, as \"zclip\": {{..., \"{FORENSICS_KEY}\": {{...}}}}",
+                          stacklevel=3)
         if isinstance(value, Mapping):
             for inner in value:
                 if isinstance(inner, str) and difflib.get_close_matches(inner.lower(), _METHODS, n=1, cutoff=0.8):
                     warnings.warn(f"zclip_dist: {key}.{inner} is not read: the clipping entry belongs at the top level "
                                   "of the DeepSpeed config", stacklevel=3)
+                elif _is_forensics(inner):
+                    warnings.warn(f"zclip_dist: {key}.{inner} is not read: spike forensics settings belong inside the "
+                                  "\"zclip\" / \"adagc\" entry", stacklevel=3)
+
+
+def _is_forensics(key: Any) -> bool:
+    """``"forensics"`` or a near miss (``"forensic"``, ``"Forensics"``)."""
+    return isinstance(key, str) and bool(difflib.get_close_matches(key.lower(), [FORENSICS_KEY], n=1, cutoff=0.8))
 
 
 def _entry(param_dict: Mapping[str, Any], key: str) -> tuple[dict[str, Any], bool] | None:
@@ -63,6 +79,11 @@ def _entry(param_dict: Mapping[str, Any], key: str) -> tuple[dict[str, Any], boo
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{key} = {entry!r} is invalid: allowed an object of {_METHOD_NAMES[key]} settings")
     entry = dict(entry)
+    for inner in entry:
+        if inner != FORENSICS_KEY and _is_forensics(inner):
+            raise ConfigError(f"{key}.{inner} is not a {_METHOD_NAMES[key]} setting: spike forensics settings go "
+                              f"under {key}.{FORENSICS_KEY!r}")
+    entry.pop(FORENSICS_KEY, None)  # read by resolve_forensics
     enabled = entry.pop("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{key}.enabled = {enabled!r} is invalid: allowed true or false")
@@ -100,6 +121,9 @@ def resolve_config(param_dict: Mapping[str, Any]) -> ZClipConfig | AdaGCConfig |
     :class:`~zclip_dist.config.ConfigError` naming the key. See the module docstring for the rules.
     """
     _warn_near_misses(param_dict)
+    for key in _METHODS:
+        if isinstance(param_dict.get(key), Mapping):
+            resolve_forensics(param_dict, key)  # validated with its entry, before training
     found = {key: _entry(param_dict, key) for key in _METHODS}
     configs = {key: _METHODS[key].from_dict(entry, source=key, **_engine_clip(param_dict))
                for key, (entry, _) in ((k, v) for k, v in found.items() if v is not None)}
@@ -109,3 +133,14 @@ def resolve_config(param_dict: Mapping[str, Any]) -> ZClipConfig | AdaGCConfig |
                           "they are two clipping methods for the same gradients; keep one (or set "
                           '"enabled": false in the other)')
     return configs[enabled[0]] if enabled else None
+
+
+def resolve_forensics(param_dict: Mapping[str, Any], key: str) -> tuple[ForensicsConfig, bool]:
+    """The ``"forensics"`` value inside the ``key`` entry as a :class:`ForensicsConfig` (``true``, absent or
+    ``null``: the defaults; ``false``: off; a mapping of its keys), and whether the user asked for it
+    explicitly (present and enabled): an explicit request on a path forensics does not cover is refused
+    at attach, the default is then quietly off."""
+    entry = param_dict.get(key)
+    value = entry.get(FORENSICS_KEY) if isinstance(entry, Mapping) else None
+    config = ForensicsConfig.coerce(value, source=f"{key}.{FORENSICS_KEY}")
+    return config, value is not None and config.enabled

@@ -30,13 +30,14 @@ Host synchronisation: at most one per optimizer step. The clip_grad property ret
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..clipper import Clipper
-from ..config import ZClipConfig
+from ..config import ForensicsConfig, ZClipConfig
+from ..forensics import Event
 from ..metrics import to_host
 from ..norms import NormCalculator
 from .attachment import (
@@ -117,14 +118,16 @@ def _fused_unscale_and_clip(self: Any, grad_groups_flat: list, total_norm: Any, 
 class DeepSpeedZClip(Attachment):
     """ZClip attached to one DeepSpeed engine. Build with :func:`attach`."""
 
-    def __init__(self, engine: Any, config: ZClipConfig) -> None:
-        super().__init__(engine, config)
+    def __init__(self, engine: Any, config: ZClipConfig, forensics: ForensicsConfig | None = None, *,
+                 forensics_explicit: bool = False, on_event: Callable[[Event], None] | None = None) -> None:
+        super().__init__(engine, config, forensics, forensics_explicit=forensics_explicit, on_event=on_event)
         self.clipper = Clipper(config, device=engine.device)
         self._value: float | None = None  # this step's clip_grad, once decided
         self._own_norm: Tensor | None = None
         self._norms: NormCalculator | None = None
         self.grad_scale: Any = 1.0  # the loss scale this step's gradients carry (fp16 ZeRO)
         refuse_unsupported(engine)
+        forensics_methods = self._forensics_namespace("zclip")  # ZeRO-1/2 fp32/bf16: the clip_grad branch
         from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
         from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
@@ -152,7 +155,7 @@ class DeepSpeedZClip(Attachment):
                                    "unscale_and_clip_grads": _zero3_fp16_unscale_and_clip})
         else:
             opt.__dict__["_zclip_static_clip"] = opt.__dict__.pop("clip_grad")
-            swap_class(opt, self, {"clip_grad": property(_clip_grad_get, _clip_grad_set)})
+            swap_class(opt, self, {"clip_grad": property(_clip_grad_get, _clip_grad_set), **forensics_methods})
         self._install_step_and_checkpoints()
 
     # ---- one optimizer step ----------------------------------------------------------------------
@@ -177,7 +180,13 @@ class DeepSpeedZClip(Attachment):
             norm = opt._global_grad_norm
             if norm is None:
                 raise RuntimeError("zclip: clip_grad read before the gradient norm was computed")
-            clip_to = self._decide(norm).clip_to.item()  # the one host read per step (see module docstring)
+            decision = self._decide(norm)
+            if self.forensics is None:
+                clip_to = decision.clip_to.item()  # the one host read per step (see module docstring)
+            else:  # the same one read, with the event flag: only event steps measure anything
+                clip_to, event = self.forensics.ceiling_and_flag(decision.clip_to)
+                if event:
+                    self.forensics.measure_event(opt)
             # 0.0 means "no clip" to every wrapper; a ceiling of exactly 0 must still clip (to zero).
             self._value = 0.0 if math.isinf(clip_to) else max(clip_to, 5e-324)
         return self._value

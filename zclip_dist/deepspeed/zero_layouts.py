@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch.distributed as dist
+import torch
 from torch import Tensor
 
+from ..topology import Topology
 from .config import UnsupportedConfiguration
 
-__all__ = ["Zero12Layout", "Zero3Layout"]
+__all__ = ["Zero12Layout", "Zero3Layout", "PieceSquares"]
 
 
 class Zero12Layout:
@@ -40,10 +42,14 @@ class Zero12Layout:
             self.positions.append(positions)
 
     def pieces(self, opt: Any, group: int) -> list[Tensor]:
-        """This step's gradient pieces of ``group`` before the flat partition exists, read as DeepSpeed's
-        own norm reads them: the entries of ``averaged_gradients`` not marked ``_zero_padding``, paired in
-        order with ``params_in_partition`` (an unmarked tail of zeros pads the last partition)."""
+        """This step's gradient pieces of ``group``, read as DeepSpeed's own norm reads them: the entries of
+        ``averaged_gradients`` not marked ``_zero_padding``, paired in order with ``params_in_partition``
+        (an unmarked tail of zeros pads the last partition). Once ``step`` has flattened the group into its
+        fp32 partition (``averaged_gradients`` released), views of that partition at the same offsets."""
         spans = self.spans[group]
+        if opt.averaged_gradients.get(group) is None:
+            flat = self.flat_grad(opt, group)
+            return [flat.narrow(0, offset, numel) for offset, numel in spans]
         pieces = [g for g in opt.averaged_gradients[group] if not getattr(g, "_zero_padding", False)]
         pieces = pieces[:len(spans)]
         if [g.numel() for g in pieces] != [numel for _, numel in spans]:
@@ -79,3 +85,27 @@ class Zero3Layout:
     @staticmethod
     def flat_grad(opt: Any, group: int) -> Tensor:
         return opt.fp32_partitioned_groups_flat[group].grad
+
+
+class PieceSquares:
+    """Squared norms of this rank's gradient pieces, scattered into a vector over *all* of a layout's
+    parameters (every DP rank lists the same parameters in the same order, so a SUM of this vector over
+    the topology's tensor group gives every whole tensor's squared norm). TP duplicates count on one
+    tensor rank only (weight 0 elsewhere). Device work only: no host read, no collective."""
+
+    def __init__(self, layout: "Zero12Layout | Zero3Layout", topology: Topology, device: torch.device) -> None:
+        self.layout = layout
+        self.index = [torch.tensor(pos, dtype=torch.long, device=device) for pos in layout.positions]
+        self.all_index = torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.long, device=device)
+        counts = [topology.counts_in_tensor_group(p) for p in layout.params]
+        self.weights = None if all(counts) else torch.tensor(counts, dtype=torch.float32, device=device)
+        self.zeros = torch.zeros(len(layout.params), dtype=torch.float32, device=device)
+
+    def local(self, opt: Any) -> Tensor:
+        """fp32 vector over all parameters: this rank's pieces' squared norms, zero elsewhere."""
+        pieces = [g for i in range(len(self.index)) for g in self.layout.pieces(opt, i)]
+        if not pieces:
+            return self.zeros.clone()
+        norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32)).to(self.zeros.device)
+        sq = self.zeros.index_copy(0, self.all_index, norms.square_())
+        return sq if self.weights is None else sq.mul_(self.weights)  # 0 * NaN stays NaN on purpose
