@@ -191,6 +191,8 @@ def test_adagc_events_name_the_clipped_parameter():
     assert ag.events() == seen
     spike = [e for e in seen if e.step == 8]
     assert len(spike) == 1 and spike[0].method == "adagc" and spike[0].threshold is None
+    row = format_events(spike).splitlines()[-1].split()
+    assert row[:4] == ["8", "clipped", f"{spike[0].grad_norm:.4g}", "-"]  # per-tensor thresholds: none to show
     assert spike[0].params[0].name == fm.SPIKE_PARAM
     assert math.isclose(spike[0].params[0].share, shares[fm.SPIKE_PARAM], rel_tol=1e-4)
 

@@ -233,7 +233,8 @@ def format_events(records: Iterable[Mapping[str, Any] | Event], *, limit: int | 
     for e in shown:
         params = ", ".join(f"{p.name} {_pct(p.share, p.nonfinite)}" for p in e.params) or "-"
         reps = ", ".join(f"{_replica_text(r)} {_pct(r.share, r.nonfinite)}" for r in e.replicas) or "-"
-        rows.append((str(e.step), "+".join(e.kinds), _num(e.grad_norm), _num(e.threshold), params, reps))
+        threshold = "-" if e.method == "adagc" else _num(e.threshold)  # AdaGC's thresholds are per tensor
+        rows.append((str(e.step), "+".join(e.kinds), _num(e.grad_norm), threshold, params, reps))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
     head = f"{len(events)} event(s)" + (f", last {len(shown)} shown" if len(shown) < len(events) else "")
