@@ -115,7 +115,8 @@ def test_events_from_tensorboard_scalars(tmp_path, capsys):
     assert got_nan.params[0] == ("output_layer.weight", None, True)  # NaN first, as recorded
     # replay reads Megatron's grad-norm (logged every 5 iterations) and keeps the events all the same
     replay = _cli(capsys, "replay", str(tmp_path / "tb"), "--no-png")
-    assert "[grad-norm]" in replay and "forensics: 2 event(s)" in replay and "2 at steps the trace does not hold" in replay
+    assert "[grad-norm]" in replay and "forensics: 2 event(s)" in replay
+    assert "2 at steps the trace does not hold" in replay
 
 
 @pytest.mark.slow
@@ -133,3 +134,32 @@ def test_the_example_under_torchrun_names_the_bad_replica(tmp_path, capsys):
     event = Event.from_json(json.loads(line))
     assert event.step == 61 and event.replicas[0].replica == 1 and event.replicas[0].ranks == (1,)
     assert event.replicas[0].share > 0.99
+
+
+@pytest.mark.slow
+def test_deepspeed_tensorboard_events_match_the_jsonl(tmp_path, capsys):
+    """A DeepSpeed ZeRO-2 job under torchrun with a TensorBoard monitor: `zclip-dist events` on the
+    monitor's folder lists the JSONL's events (same steps, kinds, norms, thresholds and shares to float32),
+    and the corrupted batch's event names replica 1 first."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("tensorboard")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           os.path.join(ROOT, "tests", "ds_forensics_script.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jsonl, tb = [[Event.from_json(json.loads(line))
+                  for line in _cli(capsys, "events", str(tmp_path / where), "--json").splitlines()]
+                 for where in ("metrics.jsonl", "tb")]
+    assert [e.step for e in tb] == [e.step for e in jsonl] and len(jsonl) > 1
+    for a, b in zip(jsonl, tb):
+        assert (a.kinds, [p.name for p in a.params], [r.replica for r in a.replicas]) == \
+               (b.kinds, [p.name for p in b.params], [r.replica for r in b.replicas])
+        assert math.isclose(a.grad_norm, b.grad_norm, rel_tol=1e-6)
+        assert math.isclose(a.threshold, b.threshold, rel_tol=1e-6)
+        pairs = zip(a.params + a.replicas, b.params + b.replicas)
+        assert all(math.isclose(p.share, q.share, rel_tol=1e-6) for p, q in pairs)
+    spike = next(e for e in jsonl if "spike" in e.kinds)
+    assert spike.step == 31 and spike.replicas[0].replica == 1 and spike.replicas[0].ranks == (1,)
+    assert spike.replicas[0].share > 0.99

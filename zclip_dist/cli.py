@@ -432,7 +432,7 @@ threshold, the parameters that carried the largest shares of the squared norm, a
 replicas (with their ranks) whose gradients carried it -- as recorded during training (forensics is on
 by default; replica attribution is the "replicas" setting). Read from our JSONL ("events" field of the
 log lines), or rebuilt from the Train/zclip/event/* (DeepSpeed) or zclip/event/* (Megatron) scalars of a
-TensorBoard folder, which hold the shares but not the thresholds or ranks.
+TensorBoard folder, which hold the shares but not the replicas' ranks.
 
 {TRACE_FORMATS.replace("TRACE is", "METRICS is")}"""
 

@@ -92,7 +92,9 @@ def run_report(trace: Trace, top: int = 10) -> str:
     lines += [f"  note: {note}" for note in trace.notes]
     interval = trace.interval()
     lines.append(f"steps: {n} logged, {steps[0]}..{steps[-1]}"
-                 + (" (every step)" if not trace.gaps() else f" (every {interval} steps: counts below are of logged steps)"))
+                 + (" (every step)" if not trace.gaps() else
+                    f" (every {interval} steps: counts below are of logged steps)" if interval > 1 else
+                    f" ({trace.gaps()} steps not logged: counts below are of logged steps)"))
 
     finite = [v for v in norms if math.isfinite(v)]
     bad = [steps[i] for i, v in enumerate(norms) if not math.isfinite(v)]
@@ -152,5 +154,6 @@ def run_report(trace: Trace, top: int = 10) -> str:
     else:
         lines.append("threshold: not in AdaGC's metrics (gamma is per tensor, or global in adagc-global)")
     if trace.events or head:  # our own metrics: say whether forensics recorded anything
-        lines.append(summarize_events(trace.events) + (" (zclip-dist events METRICS lists them)" if trace.events else ""))
+        listed = " (zclip-dist events METRICS lists them)" if trace.events else ""
+        lines.append(summarize_events(trace.events) + listed)
     return "\n".join(lines)

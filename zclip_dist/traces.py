@@ -11,8 +11,8 @@ Where each engine writes, and against what:
 * Megatron's TensorBoard: ``grad-norm`` against the iteration (ours as ``zclip/<metric>``).
 
 Spike-forensics events come along as :attr:`Trace.events`: from the JSONL lines' ``events`` field, or
-rebuilt from the ``<prefix>event/*`` scalars a monitor received (grad norm and shares; the kinds from
-the decisions logged at the same step; ranks and thresholds are not in the scalars).
+rebuilt from the ``<prefix>event/*`` scalars a monitor received (grad norm and shares; the kinds and
+the threshold from the decisions logged at the same step; the replicas' ranks are not in the scalars).
 
 Every problem is a :class:`TraceError` whose message is one line naming the file.
 """
@@ -319,8 +319,9 @@ def _tensorboard_events(acc: Any, tags: list[str], step_of: dict[int, int] | Non
     """Events rebuilt from a monitor's ``<prefix>event/grad_norm``, ``.../param/<name>`` and
     ``.../replica/<i>`` scalars, whatever tag the norm was read from (Megatron's ``grad-norm`` included);
     the kinds from the ``<prefix>clipped`` / ``spike`` / ``nonfinite`` (AdaGC: ``num_clipped_tensors``)
-    scalars at the same x. ``step_of``: DeepSpeed's sample count -> step (completed by ``<prefix>step``,
-    written with every event; an x found in neither is left out); None: x is the step (Megatron's iteration)."""
+    scalars at the same x, ZClip's threshold from ``<prefix>threshold``. ``step_of``: DeepSpeed's sample
+    count -> step (completed by ``<prefix>step``, written with every event; an x found in neither is left
+    out); None: x is the step (Megatron's iteration)."""
     out = []
     for norm_tag in [t for t in tags if t.endswith(EVENT_TAG + "grad_norm")]:
         base = norm_tag[:-len("grad_norm")]
@@ -329,7 +330,7 @@ def _tensorboard_events(acc: Any, tags: list[str], step_of: dict[int, int] | Non
         def values(tag: str) -> dict[int, float]:
             return {e.step: e.value for e in acc.Scalars(tag)} if tag in tags else {}
 
-        flags = {k: values(prefix + k) for k in ("clipped", "spike", "nonfinite", "num_clipped_tensors")}
+        flags = {k: values(prefix + k) for k in ("clipped", "spike", "nonfinite", "num_clipped_tensors", "threshold")}
         shares = {t[len(base):]: values(t) for t in tags if t.startswith(base) and t != norm_tag}
         method = "adagc" if "adagc" in prefix else "zclip"
         known = None if step_of is None else {**{x: int(v) for x, v in values(prefix + "step").items()}, **step_of}
@@ -349,8 +350,10 @@ def _event_at(x: int, step: int, norm: float, shares: Mapping[str, Mapping[int, 
     # AdaGC logs no "clipped" flag: a step is clipped when it clipped at least one tensor.
     kinds = tuple(k for k in ("clipped", "spike", "nonfinite")
                   if flags[k].get(x) or (k == "clipped" and flags["num_clipped_tensors"].get(x)))
+    threshold = flags["threshold"].get(x)  # ZClip's, logged with the decisions
     return Event(step=step, method=method, kinds=kinds, grad_norm=float(norm) if math.isfinite(norm) else None,
-                 threshold=None, params=tuple(Share(n, s, bad) for n, s, bad in entries("param/")),
+                 threshold=float(threshold) if threshold is not None and math.isfinite(threshold) else None,
+                 params=tuple(Share(n, s, bad) for n, s, bad in entries("param/")),
                  replicas=tuple(ReplicaShare(int(i), (), s, bad) for i, s, bad in entries("replica/")))
 
 
