@@ -117,11 +117,21 @@ def _train(rank: int, case: dict, forensics) -> dict:
 
 
 def _refusals(rank: int) -> dict:
-    """An explicit forensics entry where it is not covered is refused by name; the default is quietly off."""
+    """An explicit forensics entry where it is not covered is refused by name; the default is off, and says
+    so once in DeepSpeed's log (rank 0)."""
+    import logging
+
+    from deepspeed.utils import logger
+
     from zclip_dist import deepspeed as zds
     from zclip_dist.deepspeed import UnsupportedConfiguration
 
-    out = {}
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    out, said, keep = {}, [], Keep()
+    logger.addHandler(keep)
     for stage, forensics in ((3, {"top_k": 2}), (0, True), (0, None)):
         net = fm.make_net()
         cfg = _config({"stage": stage}, forensics)
@@ -130,6 +140,8 @@ def _refusals(rank: int) -> dict:
             out[(stage, forensics is not None)] = f"on={engine._zclip.forensics is not None}"
         except UnsupportedConfiguration as err:
             out[(stage, forensics is not None)] = str(err)
+    logger.removeHandler(keep)
+    out["said"] = [m for m in said if "spike forensics is off" in m]
     return out
 
 
@@ -255,6 +267,10 @@ def test_uncovered_paths_refuse_an_explicit_entry(runs):
     assert refusals[(3, True)].startswith("zclip.forensics: ZeRO stage 3")
     assert refusals[(0, True)].startswith("zclip.forensics: ZeRO stage 0")
     assert refusals[(0, False)] == "on=False"
+    assert results[0]["refusals"]["said"] == [  # once, on rank 0 only
+        "[Rank 0] zclip_dist: spike forensics is off on this engine: ZeRO stage 0 (SGD) is not covered; "
+        "use ZeRO stage 1 or 2; clipped steps are recorded without the parameters and replicas that carried them"]
+    assert results[1]["refusals"]["said"] == []
 
 
 # ---- the config entry, no engine --------------------------------------------------------------------

@@ -202,8 +202,8 @@ class Attachment:
     # ---- spike forensics ----------------------------------------------------------------------------
     def _forensics_namespace(self, method: str) -> dict[str, Any]:
         """Start spike forensics where this engine's path is covered; returns the methods to add to the
-        optimizer wrapper's one-off subclass. The default is quietly off elsewhere; an explicit
-        ``"forensics"`` entry there is refused by name."""
+        optimizer wrapper's one-off subclass. Elsewhere the default is off, said once in DeepSpeed's log
+        (rank 0), and an explicit ``"forensics"`` entry is refused by name."""
         cfg = self.forensics_config
         if not cfg.enabled:
             return {}
@@ -214,6 +214,12 @@ class Attachment:
                 key = ADAGC_CONFIG_KEY if method == "adagc" else CONFIG_KEY
                 raise UnsupportedConfiguration(f"{key}.{FORENSICS_KEY}: {reason} (spike forensics covers ZeRO-1/2 in "
                                                f"fp32 or bf16); remove the entry or set it to false")
+            import logging
+
+            from deepspeed.utils import log_dist
+
+            log_dist(f"zclip_dist: spike forensics is off on this engine: {reason}; clipped steps are recorded "
+                     "without the parameters and replicas that carried them", ranks=[0], level=logging.WARNING)
             return {}
         from .groups import sharded_topology
         from .zero_layouts import Zero12Layout

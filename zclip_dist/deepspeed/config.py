@@ -139,7 +139,7 @@ def resolve_forensics(param_dict: Mapping[str, Any], key: str) -> tuple[Forensic
     """The ``"forensics"`` value inside the ``key`` entry as a :class:`ForensicsConfig` (``true``, absent or
     ``null``: the defaults; ``false``: off; a mapping of its keys), and whether the user asked for it
     explicitly (present and enabled): an explicit request on a path forensics does not cover is refused
-    at attach, the default is then quietly off."""
+    at attach, the default is then off (one warning in DeepSpeed's log)."""
     entry = param_dict.get(key)
     value = entry.get(FORENSICS_KEY) if isinstance(entry, Mapping) else None
     config = ForensicsConfig.coerce(value, source=f"{key}.{FORENSICS_KEY}")
