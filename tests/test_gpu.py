@@ -20,3 +20,20 @@ def test_zclip_step_captured_in_a_cuda_graph_matches_eager():
 
     result = cuda_graph_replay(torch.device("cuda"))
     assert result["mismatches_vs_eager"] == 0 and result["clipped_steps"] >= 1
+
+
+def test_the_sweep_gpu_variant_runs_and_names_its_device(tmp_path, capsys):
+    """The GPU variant of the sweep (docs/sweep.md), on a small budget: pilot, then two methods; the
+    results name the device they ran on."""
+    import json
+
+    from zclip_dist.cli import main
+
+    assert main(["sweep", "--pilot", "--device", "cuda", "--size", "large", "--steps", "40", "--out", str(tmp_path)]) == 0
+    assert "median" in capsys.readouterr().out
+    assert main(["sweep", "--device", "cuda", "--size", "large", "--steps", "40", "--lrs", "1e-3", "--seeds", "0",
+                 "--methods", "fixed-tight,zclip", "--tight-clip", "1", "--loose-clip", "5", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    with open(tmp_path / "results.json") as f:
+        machine = json.load(f)["machine"]
+    assert machine["device"] == "cuda" and machine["device_name"] == torch.cuda.get_device_name()

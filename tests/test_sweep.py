@@ -138,6 +138,7 @@ def test_unigram_entropy():
     (["--lrs", "0.1,-1"], "is not a comma-separated list of positive numbers"),
     (["--size", "huge"], "invalid choice: 'huge'"),
     (["--steps", "5"], "steps = 5 is invalid"),
+    (["--size", "large"], "size 'large' has no pilot yet: run --pilot and give --tight-clip and --loose-clip"),
 ])
 def test_bad_input_is_one_line_before_training(argv, message, capsys):
     assert main(["sweep", *argv]) == 2
