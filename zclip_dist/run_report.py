@@ -1,7 +1,7 @@
 """``zclip-dist report``: what a run's clipping did, in a dozen lines, from its metrics file.
 
-It reads the decisions (and the spike-forensics events) the run recorded (every front end's JSONL, DeepSpeed's ``Train/zclip/*`` or
-Megatron's ``zclip/*`` TensorBoard scalars). A trace of norms alone (a CSV, Megatron's ``grad-norm``)
+It reads the decisions and spike-forensics events the run recorded (every front end's JSONL,
+DeepSpeed's ``Train/zclip/*`` or Megatron's ``zclip/*`` TensorBoard scalars). A trace of norms alone (a CSV, Megatron's ``grad-norm``)
 gets ZClip simulated on it with the run's settings (the JSONL header) or the defaults, and says so.
 """
 
