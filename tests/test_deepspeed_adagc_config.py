@@ -72,3 +72,39 @@ def test_launcher_attaches_adagc_from_the_json_config(tmp_path):
     assert first == second, "ranks decided differently"
     assert first["num_clipped_tensors"] > 0 and not first["warmup"], first  # the example's last-step spike
     assert ranks[0]["grad_norm"] == pytest.approx(first["grad_norm"])
+
+
+BF16_ZERO1 = """
+import deepspeed, torch
+from torch import nn
+cfg = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+       "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+       "adagc": {}}
+deepspeed.init_distributed(dist_backend="gloo")
+model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+try:
+    deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    print("BUILT")
+except Exception as e:
+    print("REFUSED", type(e).__name__, e)
+"""
+
+
+@pytest.mark.slow
+def test_bf16_optimizer_at_zero1_is_refused_by_name(tmp_path):
+    """bf16 ZeRO-1 with fp32 gradient accumulation makes DeepSpeed build its BF16_Optimizer, which AdaGC
+    does not hook: refused with the path's name when the engine is built, not an AttributeError mid-step."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "bf16_zero1.py"
+    script.write_text(BF16_ZERO1)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(script)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("REFUSED UnsupportedConfiguration adagc: the BF16_Optimizer path (bf16, ZeRO stage 1) is not supported "
+            "yet") in done.stdout, done.stdout[-2000:]

@@ -246,10 +246,15 @@ class DeepSpeedAdaGC(Attachment):
 
 def _refuse_unsupported_adagc(engine: Any) -> None:
     """Paths AdaGC does not hook (yet): refused by name rather than clipped wrongly."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     opt = engine.optimizer
     stage = engine.zero_optimization_stage()
+    if isinstance(opt, BF16_Optimizer):  # DeepSpeed builds it for bf16 ZeRO-0 and, in some configs, ZeRO-1
+        raise UnsupportedConfiguration(f"adagc: the BF16_Optimizer path (bf16, ZeRO stage {stage}) is not supported "
+                                       "yet; use bf16 with ZeRO-2/3, or ZeRO-0 with a torch optimizer and "
+                                       "torch_autocast")
     if getattr(engine, "grid", None) is not None and engine.grid.get_pipe_parallel_world_size() > 1:
         raise UnsupportedConfiguration("adagc: PipelineEngine with more than one stage is not supported yet "
                                        "(use ZeRO-0/1/2/3 without a pipeline, or the Megatron front end)")
