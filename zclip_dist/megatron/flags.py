@@ -46,8 +46,8 @@ _CHOICES = {"mode": MODES, "clip_option": CLIP_OPTIONS, "nonfinite": NONFINITE_P
 _ADAGC_HELP = {
     "mode": "'adagc' (one threshold per parameter tensor, on the norm of the whole tensor however it is sharded) "
             "or 'adagc-global' (the same rule on the global norm). Default adagc.",
-    "max_grad_norm": "lambda_abs: the global clip during warmup. Default: the value of --clip-grad when > 0, "
-                     "else 1.0.",
+    "max_grad_norm": "lambda_abs: the global clip during warmup; 'none' disables it. Default: the value of "
+                     "--clip-grad when > 0, else 1.0.",
     "nonfinite": "NaN/Inf global norm: 'skip' the update on every rank (default), 'raise' on every rank, "
                  "or 'propagate'. Gamma never sees it.",
 }
