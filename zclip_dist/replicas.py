@@ -78,11 +78,16 @@ class ReplicaMeter:
             c = self._counts[id(p)] = self.topology.counts_in_replica(p)
         return c
 
-    def add_grads(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        keep = [local_tensor(g) for p, g in zip(params, grads) if g is not None and self._count(p)]
+    def add_tensors(self, grads: Sequence[Tensor | None]) -> None:
+        """Add the squared norms of gradient tensors that all count in this replica (None skipped)."""
+        keep = [local_tensor(g) for g in grads if g is not None]
         if keep:
             norms = torch._foreach_norm(keep, 2, dtype=ACC_DTYPE)
             self.local.add_(torch.stack([n.to(self.local.device) for n in norms]).square().sum())
+
+    def add_grads(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """Add ``params``' gradients, each counted once per replica (a TP duplicate on one tensor rank)."""
+        self.add_tensors([g for p, g in zip(params, grads) if g is not None and self._count(p)])
 
     def observe(self, params: Iterable[Tensor]) -> None:
         """Record ``params``' local gradients: call before a data-parallel reduction of one's own."""

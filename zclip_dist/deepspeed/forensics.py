@@ -49,7 +49,6 @@ from torch import Tensor
 from ..config import ForensicsConfig
 from ..events import Forensics
 from ..forensics import Event
-from ..norms import ACC_DTYPE
 from ..topology import Topology
 from .zero_layouts import PieceSquares, Zero12Layout
 
@@ -81,24 +80,18 @@ def _meter_of(opt: Any):
     return opt.__dict__["_zclip"].forensics.meter
 
 
-def _add_grads(meter, grads: list[Tensor]) -> None:
-    grads = [g for g in grads if g is not None]
-    if grads:
-        meter.local.add_(torch.stack(torch._foreach_norm(grads, 2, dtype=ACC_DTYPE)).square().sum())
-
-
 def _average_tensor(self: Any, tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
     _meter_of(self).add_flat(tensor)  # this rank's bucket, before DeepSpeed reduces it
     return super(type(self), self).average_tensor(tensor, *args, **kwargs)
 
 
 def _buffered_reduce_fallback(self: Any, rank: Any, grads: list[Tensor], *args: Any, **kwargs: Any) -> Any:
-    _add_grads(_meter_of(self), grads)
+    _meter_of(self).add_tensors(grads)
     return super(type(self), self).buffered_reduce_fallback(rank, grads, *args, **kwargs)
 
 
 def _preserving_fp32_fallback(self: Any, grads: list[Tensor], *args: Any, **kwargs: Any) -> Any:
-    _add_grads(_meter_of(self), grads)
+    _meter_of(self).add_tensors(grads)
     return super(type(self), self)._buffered_reduce_fallback_preserving_fp32(grads, *args, **kwargs)
 
 
